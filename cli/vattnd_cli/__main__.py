@@ -1,0 +1,3 @@
+from vattnd_cli.main import main
+
+main()

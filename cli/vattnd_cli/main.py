@@ -1,0 +1,201 @@
+"""The ``vattnd`` command: start the daemon, look at it.
+
+Exit codes: 0 success; 1 the daemon could not start (the message says why);
+2 bad usage; 3 no daemon answers on the socket.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+
+import click
+
+import vattnd
+from vattn.paths import default_socket
+
+EXIT_START_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+class SizeParam(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from vattnd.units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeParam()
+
+
+def _devices(ctx, param, value):
+    if value in (None, "", "all"):
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give GPU indexes separated by commas, e.g. 0,1, or 'all'") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(vattnd.__version__, prog_name="vattnd")
+def cli() -> None:
+    """vattnd: a node daemon that owns KV-cache memory and maps it into LLM workers."""
+
+
+@cli.command()
+@click.option("--socket", "socket_path", envvar="VATTND_SOCKET", default=default_socket, show_default="$XDG_RUNTIME_DIR/vattnd/vattnd.sock or /run/vattnd/vattnd.sock",
+              help="gRPC Unix socket to listen on; the fd channel listens at SOCKET.fd.")
+@click.option("--backend", envvar="VATTND_BACKEND", type=click.Choice(["auto", "host", "cuda"]), default="auto",
+              show_default=True, help="auto: cuda when a GPU is usable, else host memory.")
+@click.option("--pool-size", envvar="VATTND_POOL_SIZE", type=SIZE, default=None,
+              help="Pool per device, e.g. 4GiB. [default: 1GiB on host, 90% of each GPU's memory]")
+@click.option("--page-size", envvar="VATTND_PAGE_SIZE", type=SIZE, default="2MiB", show_default=True,
+              help="Physical page size (a multiple of 2MiB on CUDA, of 4KiB on host).")
+@click.option("--devices", envvar="VATTND_DEVICES", callback=_devices, default="all", show_default=True,
+              help="GPUs to serve, e.g. 0,1.")
+@click.option("--metrics-port", envvar="VATTND_METRICS_PORT", type=click.IntRange(-1, 65535), default=9464,
+              show_default=True, help="Prometheus endpoint port; 0 picks a free one, -1 turns it off.")
+@click.option("--metrics-host", envvar="VATTND_METRICS_HOST", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint binds.")
+@click.option("--log-level", envvar="VATTND_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from vattnd.daemon import Config, Daemon, StartupError
+
+    config = Config(
+        socket=socket_path, backend=backend, pool_size=pool_size, page_size=page_size,
+        metrics_port=None if metrics_port == -1 else metrics_port, metrics_host=metrics_host, devices=devices,
+    )
+    daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    try:
+        daemon.start()
+        daemon.wait()
+    except (StartupError, OSError) as exc:
+        daemon.stop()
+        click.echo(f"vattnd: cannot start: {exc}", err=True)
+        sys.exit(EXIT_START_FAILED)
+
+
+def _stats_or_exit(socket_path: str):
+    import vattn
+    from vattn.session import stats
+
+    try:
+        return stats(socket_path)
+    except vattn.VattnError as exc:
+        click.echo(f"vattnd: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+def stats_dict(reply) -> dict:
+    """The stable JSON shape of ``vattnd stats --json`` (numbers are numbers)."""
+    from vattn.v1 import vattn_pb2 as pb
+
+    return {
+        "version": reply.version,
+        "backend": pb.Backend.Name(reply.backend).removeprefix("BACKEND_").lower(),
+        "uptime_seconds": round(reply.uptime_seconds, 3),
+        "pools": [
+            {"device": p.device, "name": p.name, "page_size": p.page_size, "pages_total": p.pages_total,
+             "pages_used": p.pages_used, "pages_free": p.pages_free}
+            for p in reply.pools
+        ],
+        "sessions": [
+            {"session_id": s.session_id, "pid": s.pid, "uid": s.uid, "gid": s.gid, "name": s.name,
+             "regions": s.regions, "pages": s.pages, "age_seconds": round(s.age_seconds, 3)}
+            for s in reply.sessions
+        ],
+    }
+
+
+socket_option = click.option("--socket", "socket_path", envvar="VATTND_SOCKET", default=default_socket,
+                             show_default="as for start", help="Socket of the daemon to ask.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _size(n: int) -> str:
+    from vattnd.units import format_size
+
+    return format_size(n)
+
+
+def _uptime(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
+
+
+@cli.command()
+@socket_option
+@json_option
+def status(socket_path, as_json) -> None:
+    """One-line health of the daemon and its pools."""
+    reply = _stats_or_exit(socket_path)
+    if as_json:
+        summary = stats_dict(reply)
+        summary["sessions"] = len(reply.sessions)
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from vattn.v1 import vattn_pb2 as pb
+
+    backend = pb.Backend.Name(reply.backend).removeprefix("BACKEND_").lower()
+    click.echo(f"vattnd {reply.version} on {socket_path}: up {_uptime(reply.uptime_seconds)}, "
+               f"backend {backend}, {len(reply.sessions)} sessions")
+    for p in reply.pools:
+        pct = 100.0 * p.pages_used / p.pages_total if p.pages_total else 0.0
+        click.echo(f"  device {p.device} ({p.name}): {p.pages_used}/{p.pages_total} pages used ({pct:.1f}%), "
+                   f"{_size(p.pages_free * p.page_size)} free of {_size(p.pages_total * p.page_size)}")
+
+
+@cli.command()
+@socket_option
+@json_option
+def stats(socket_path, as_json) -> None:
+    """Pools and sessions as tables (or JSON for scripts)."""
+    reply = _stats_or_exit(socket_path)
+    if as_json:
+        click.echo(json.dumps(stats_dict(reply), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    pools = Table(title="Pools", title_justify="left")
+    for col in ("device", "name", "page size", "total", "used", "free", "used %"):
+        pools.add_column(col, justify="right" if col not in ("name",) else "left")
+    for p in reply.pools:
+        pct = 100.0 * p.pages_used / p.pages_total if p.pages_total else 0.0
+        pools.add_row(str(p.device), p.name, _size(p.page_size), f"{p.pages_total} ({_size(p.pages_total * p.page_size)})",
+                      str(p.pages_used), str(p.pages_free), f"{pct:.1f}")
+    console.print(pools)
+    sessions = Table(title="Sessions", title_justify="left")
+    for col in ("id", "pid", "uid", "name", "regions", "pages", "memory", "age"):
+        sessions.add_column(col, justify="left" if col == "name" else "right")
+    page_size = reply.pools[0].page_size if reply.pools else 0
+    for s in reply.sessions:
+        sessions.add_row(str(s.session_id), str(s.pid), str(s.uid), s.name, str(s.regions), str(s.pages),
+                         _size(s.pages * page_size), _uptime(s.age_seconds))
+    console.print(sessions)
+
+
+def main() -> None:
+    cli(prog_name="vattnd")
+
+
+if __name__ == "__main__":
+    main()

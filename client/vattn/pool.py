@@ -1,0 +1,87 @@
+"""The object ``vattn.connect()`` returns: a session plus the caches made on it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vattn.errors import InvalidArgument
+from vattn.session import DEFAULT_TIMEOUT_S, Session
+from vattn.v1 import vattn_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from vattn.kv import KVCache
+
+
+class Pool:
+    """A worker's connection to vattnd. Close it (or use ``with``) when done;
+    if the process dies instead, the daemon takes its pages back anyway."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.info = session.info
+        self.backend = pb.Backend.Name(session.info.backend).removeprefix("BACKEND_").lower()
+        self.page_size = session.info.page_size
+        self._caches: list["KVCache"] = []
+
+    @property
+    def devices(self) -> list[int]:
+        return [d.device for d in self.info.devices]
+
+    def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
+                 max_context: int, dtype: "torch.dtype | None" = None, device: int = 0) -> "KVCache":
+        """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
+
+        ``device`` is the index of the GPU whose pool backs it (0 on host).
+        """
+        import torch
+
+        from vattn.kv import DTYPES, KVCache
+
+        dtype = torch.float16 if dtype is None else dtype
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("max_batch", max_batch), ("max_context", max_context), ("device", device)):
+            if not isinstance(value, int) or value < 0 or value >= 1 << 32:
+                raise InvalidArgument(f"{name} must be a non-negative 32-bit integer, not {value!r}")
+        geometry = pb.Geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                               dtype=DTYPES[dtype], max_batch=max_batch, max_context=max_context)
+        layout = self.session.register_region(geometry, device)
+        try:
+            cache = KVCache(self.session, layout, self._mapper(device), dtype)
+        except BaseException:
+            self.session.release_region(layout.region_id)
+            raise
+        self._caches.append(cache)
+        return cache
+
+    def _mapper(self, device: int):
+        if self.info.backend == pb.BACKEND_CUDA:
+            from vattn.cuda_mapping import CudaMapper
+
+            return CudaMapper(device)
+        from vattn.mapping import HostMapper
+
+        return HostMapper()
+
+    def stats(self) -> pb.StatsReply:
+        return self.session.stats()
+
+    def close(self) -> None:
+        """Unmaps every cache and ends the session; the daemon takes the pages back."""
+        caches, self._caches = self._caches, []
+        self.session.close()  # first: the daemon frees everything in one go
+        for cache in caches:
+            cache.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(socket: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Pool:
+    """Opens a session with the vattnd listening on ``socket`` (default: :func:`vattn.paths.default_socket`)."""
+    return Pool(Session(socket, name=name, timeout=timeout))

@@ -1,0 +1,136 @@
+"""A worker's session with vattnd: gRPC calls plus the fd channel. No torch here.
+
+:class:`Session` is the typed RPC layer: it returns protobuf replies and, for
+granting calls, the received page fds, and raises :mod:`vattn.errors` types.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Iterable
+
+import grpc
+
+from vattn.channel import ClientChannel
+from vattn.errors import ERRORS_BY_CODE, Unavailable, VattnError
+from vattn.paths import default_socket
+from vattn.v1 import vattn_pb2 as pb
+from vattn.v1 import vattn_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def translate(exc: grpc.RpcError, socket_path: str) -> VattnError:
+    """The typed error for a failed call."""
+    code = exc.code()
+    details = exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(
+            f"cannot reach vattnd at {socket_path} ({details}); is it running? start it with `vattnd start`"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"vattnd at {socket_path} did not answer in time ({details})")
+    cls = ERRORS_BY_CODE.get(code.name)
+    if cls is None:
+        return VattnError(f"{code.name}: {details}")
+    return cls(details)
+
+
+def _default_name() -> str:
+    argv = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))
+    return f"{argv or 'python'} (pid {os.getpid()})"
+
+
+class Session:
+    """One worker process's session. Thread-safe; granting calls are serialized."""
+
+    def __init__(self, socket_path: str | None = None, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S):
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+        self._grpc = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self.stub = pb_grpc.PoolStub(self._grpc)
+        try:
+            self.info: pb.ServerInfo = self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest())
+            self.channel = ClientChannel(self.info.channel_path, name or _default_name(), timeout)
+        except BaseException:
+            self._grpc.close()
+            raise
+        self.token = self.channel.token
+        self.session_id = self.channel.session_id
+        self._grant_lock = threading.Lock()
+        self.closed = False
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, self.socket_path) from None
+
+    # ----- regions ---------------------------------------------------------
+    def register_region(self, geometry: pb.Geometry, device: int = 0) -> pb.RegionLayout:
+        return self._call(
+            self.stub.RegisterRegion,
+            pb.RegisterRegionRequest(session_token=self.token, geometry=geometry, device=device),
+        )
+
+    def release_region(self, region_id: int) -> int:
+        reply = self._call(
+            self.stub.ReleaseRegion, pb.ReleaseRegionRequest(session_token=self.token, region_id=region_id)
+        )
+        return reply.pages_released
+
+    # ----- granting --------------------------------------------------------
+    def _granted(self, method, request) -> tuple[pb.GrantReply, list[int]]:
+        with self._grant_lock:
+            reply = self._call(method, request)
+            if not reply.grant_seq:
+                return reply, []
+            return reply, self.channel.receive_pages(reply.grant_seq, len(reply.page_ids))
+
+    def grow(self, region_id: int, slot: int, tokens: int) -> tuple[pb.GrantReply, list[int]]:
+        """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""
+        return self._granted(
+            self.stub.Grow, pb.GrowRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
+        )
+
+    def step(self, region_id: int, entries: Iterable[tuple[int, int]]) -> tuple[pb.GrantReply, list[int]]:
+        request = pb.StepRequest(
+            session_token=self.token, region_id=region_id,
+            entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
+        )
+        return self._granted(self.stub.Step, request)
+
+    def shrink(self, region_id: int, slot: int, tokens: int) -> pb.ShrinkReply:
+        return self._call(
+            self.stub.Shrink,
+            pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens),
+        )
+
+    def free(self, region_id: int, slot: int) -> pb.ShrinkReply:
+        return self._call(self.stub.Free, pb.FreeRequest(session_token=self.token, region_id=region_id, slot=slot))
+
+    def stats(self) -> pb.StatsReply:
+        return self._call(self.stub.Stats, pb.StatsRequest())
+
+    def close(self) -> None:
+        """Ends the session: the daemon returns every page it still holds."""
+        if self.closed:
+            return
+        self.closed = True
+        self.channel.close()
+        self._grpc.close()
+
+
+def stats(socket_path: str | None = None, timeout: float = 5.0) -> pb.StatsReply:
+    """Stats without opening a session (for tools such as `vattnd stats`)."""
+    path = socket_path or default_socket()
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        try:
+            return pb_grpc.PoolStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, path) from None
+
+
+__all__ = ["Session", "stats", "translate"]

@@ -1,0 +1,55 @@
+"""Host-memory backend: every page is a memfd of ``page_size`` bytes.
+
+Workers map the fds with mmap(MAP_SHARED|MAP_FIXED) into a PROT_NONE
+reservation. memfd pages cost no memory until written, so a large host pool
+is cheap to create.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Sequence
+
+from vattnd.backends.base import BackendUnavailable, DeviceInfo
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+class HostBackend:
+    kind = "host"
+
+    def __init__(self, page_size: int):
+        if page_size <= 0 or page_size % mmap.PAGESIZE:
+            raise BackendUnavailable(
+                f"page size {page_size} is not a positive multiple of the OS page size "
+                f"{mmap.PAGESIZE}: pick e.g. 64KiB or 2MiB"
+            )
+        self.page_size = page_size
+        self.fds: list[int] = []
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return (DeviceInfo(0, "cpu", _host_memory()),)
+
+    def create_pages(self, device: int, count: int) -> list[int]:
+        if device != 0:
+            raise BackendUnavailable(f"the host backend has device 0 only, not {device}")
+        fds = []
+        try:
+            for _ in range(count):
+                fd = os.memfd_create(f"vattnd-page-{len(self.fds)}", os.MFD_CLOEXEC)
+                self.fds.append(fd)
+                os.ftruncate(fd, self.page_size)
+                fds.append(fd)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot create host page {len(self.fds)}: {exc}") from exc
+        return fds
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,241 @@
+"""Wires backend, pool, fd channel, gRPC and metrics together; start-up and shutdown.
+
+Start-up order matters for operators: the daemon listens (and answers health
+checks, NOT_SERVING) before the pool is built, then creates pages in chunks
+on a bring-up thread, each chunk usable as soon as it is added, and turns
+SERVING when the whole pool is there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+import vattnd
+from vattn.paths import channel_path
+from vattnd.backends import BackendUnavailable, PageBackend, open_backend
+from vattnd.channel import ChannelServer
+from vattnd.metrics import PoolCollector, RpcMetrics
+from vattnd.pool import PoolCore
+from vattnd.rpc.servicer import PoolServicer, create_server
+from vattnd.service import PoolService
+from vattnd.units import format_size
+from vattn.v1 import vattn_pb2 as pb
+
+from grpc_health.v1 import health_pb2
+
+log = logging.getLogger("vattnd")
+
+DEFAULT_HOST_POOL = 1 << 30  # 1 GiB: memfd pages cost nothing until written
+BRING_UP_CHUNK = 256
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says what to change."""
+
+
+@dataclass
+class Config:
+    socket: str
+    backend: str = "auto"
+    # Bytes per device; None: 1 GiB on host, 90% of each GPU's memory on CUDA.
+    pool_size: int | None = None
+    page_size: int = 2 << 20
+    # None: no metrics endpoint; 0: an ephemeral port (tests).
+    metrics_port: int | None = 9464
+    metrics_host: str = "127.0.0.1"
+    devices: list[int] | None = None
+    socket_mode: int = 0o660
+    rpc_threads: int = 16
+    on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
+
+
+def raise_nofile_limit(needed: int) -> int:
+    """Raises RLIMIT_NOFILE to cover ``needed`` fds (+ headroom); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 1024
+    if soft >= want:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:  # root may raise the hard limit too
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            raise StartupError(
+                f"the pool needs {needed} open files (one per page) but the hard limit is {hard}: "
+                f"raise it (ulimit -Hn {want}, LimitNOFILE={want} in systemd) or use a larger --page-size"
+            ) from None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def _claim_socket_path(path: str) -> None:
+    """Makes the socket's folder; removes a stale socket, refuses a live one."""
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create {folder}: {exc}; pick a writable --socket path") from None
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or pick another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another vattnd is already listening on {path}; stop it or pick another --socket")
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.backend: PageBackend | None = None
+        self.service: PoolService | None = None
+        self.channel: ChannelServer | None = None
+        self.server = None
+        self.health = None
+        self.metrics_server = None
+        self.metrics_url = ""
+        self.registry = CollectorRegistry()
+        self.ready = threading.Event()
+        self._stopped = threading.Event()
+        self._bring_up_thread: threading.Thread | None = None
+        self._bring_up_error: BaseException | None = None
+        self._pages_wanted: dict[int, int] = {}
+
+    # ----- start -----------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        try:
+            self.backend = open_backend(cfg.backend, cfg.page_size, cfg.devices)
+        except BackendUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        devices = list(self.backend.devices())
+        for dev in devices:
+            size = cfg.pool_size
+            if size is None:
+                size = DEFAULT_HOST_POOL if self.backend.kind == "host" else int(dev.memory_bytes * 0.9)
+            pages = size // cfg.page_size
+            if pages < 1:
+                raise StartupError(
+                    f"--pool-size {format_size(size)} is smaller than one page of "
+                    f"{format_size(cfg.page_size)}: raise --pool-size or lower --page-size"
+                )
+            self._pages_wanted[dev.index] = pages
+        raise_nofile_limit(sum(self._pages_wanted.values()))
+
+        core = PoolCore(cfg.page_size)
+        for dev in devices:
+            core.add_device(dev.index)
+        self.service = service = PoolService(core, self.backend)
+        names = {dev.index: dev.name for dev in devices}
+
+        _claim_socket_path(cfg.socket)
+        chan = channel_path(cfg.socket)
+        if os.path.lexists(chan):
+            os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
+        self.channel = ChannelServer(chan, service.open_session, service.close_session, cfg.socket_mode)
+
+        if cfg.metrics_port is not None:
+            self.registry.register(PoolCollector(service.snapshot, names, lambda: service.sessions_opened))
+            self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
+            host, port = self.metrics_server.server_address[:2]
+            self.metrics_url = f"http://{host}:{port}"
+        rpc_metrics = RpcMetrics(self.registry)
+        servicer = PoolServicer(service, rpc_metrics, chan, self.metrics_url, names)
+        self.server, self.health = create_server(f"unix:{cfg.socket}", servicer, cfg.rpc_threads)
+        os.chmod(cfg.socket, cfg.socket_mode)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.start()
+        self.channel.start()
+        log.info(
+            "vattnd %s listening on %s (fd channel %s, metrics %s) after %.0f ms; backend %s, "
+            "page size %s, building %s",
+            vattnd.__version__, cfg.socket, chan, self.metrics_url or "off",
+            (time.monotonic() - t0) * 1e3, self.backend.kind, format_size(cfg.page_size),
+            ", ".join(
+                f"device {d.index} ({d.name}): {n} pages = {format_size(n * cfg.page_size)}"
+                for d, n in zip(devices, self._pages_wanted.values())
+            ),
+        )
+        self._bring_up_thread = threading.Thread(target=self._bring_up, args=(t0,), name="vattnd-bring-up", daemon=True)
+        self._bring_up_thread.start()
+
+    def _set_health(self, status) -> None:
+        for name in ("", pb.DESCRIPTOR.services_by_name["Pool"].full_name):
+            self.health.set(name, status)
+
+    def _bring_up(self, t0: float) -> None:
+        try:
+            for device, wanted in self._pages_wanted.items():
+                done = 0
+                while done < wanted and not self._stopped.is_set():
+                    count = min(BRING_UP_CHUNK, wanted - done)
+                    self.service.add_pages(device, self.backend.create_pages(device, count))
+                    done += count
+                    if self.config.on_progress is not None:
+                        self.config.on_progress(device, done, wanted)
+        except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
+            log.error("pool bring-up failed: %s", exc)
+            self._bring_up_error = exc
+            self._stopped.set()
+            return
+        if self._stopped.is_set():
+            return
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info(
+            "pool ready: %d pages in %.2f s", sum(self._pages_wanted.values()), time.monotonic() - t0
+        )
+
+    # ----- run and stop ----------------------------------------------------
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    def wait(self) -> None:
+        """Blocks until ``request_stop`` (signal) or a bring-up failure, then stops."""
+        while not self._stopped.wait(1.0):
+            pass
+        self.stop()
+        if self._bring_up_error is not None:
+            raise StartupError(f"pool bring-up failed: {self._bring_up_error}")
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stopped.set()
+        if self.health is not None:
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            self.server.stop(grace).wait()
+            self.server = None
+        if self._bring_up_thread is not None:
+            self._bring_up_thread.join()
+            self._bring_up_thread = None
+        if self.channel is not None:
+            self.channel.stop()
+            self.channel = None
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        try:
+            os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+        log.info("vattnd stopped")

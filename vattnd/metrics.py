@@ -1,0 +1,91 @@
+"""Prometheus metrics: pool state computed at scrape time, RPC counts as they happen.
+
+Pool and session gauges come from a Collector that reads one snapshot of the
+pool per scrape, so nothing on the hot path updates them. RPC counts and the
+Grow/Step latency histogram are the only things recorded per call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from vattnd.pool.core import Snapshot
+
+# Grow/Step latency buckets, in seconds: 25 us .. 1 s.
+LATENCY_BUCKETS = (
+    25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6,
+    1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 25.6e-3, 51.2e-3, 0.1, 0.25, 1.0,
+)
+
+
+class PoolCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot], device_names: dict[int, str],
+                 sessions_opened: Callable[[], int]):
+        self._snapshot = snapshot
+        self._names = device_names
+        self._sessions_opened = sessions_opened
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # computed at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        size = GaugeMetricFamily("vattnd_pool_size_pages", "Pages in the device's pool.", labels=["device", "name"])
+        pages = GaugeMetricFamily(
+            "vattnd_pool_pages", "Pages of the device's pool by state (free or used).",
+            labels=["device", "name", "state"],
+        )
+        used_bytes = GaugeMetricFamily(
+            "vattnd_pool_used_bytes", "Bytes of the device's pool granted to sessions.", labels=["device", "name"]
+        )
+        for dev in snap.devices:
+            d, n = str(dev.device), self._names.get(dev.device, "")
+            size.add_metric([d, n], dev.pages_total)
+            pages.add_metric([d, n, "free"], dev.pages_free)
+            pages.add_metric([d, n, "used"], dev.pages_used)
+            used_bytes.add_metric([d, n], dev.pages_used * snap.page_size)
+        yield size
+        yield pages
+        yield used_bytes
+        yield GaugeMetricFamily("vattnd_pool_page_size_bytes", "Size of one physical page.", value=snap.page_size)
+        sessions = GaugeMetricFamily(
+            "vattnd_session_pages", "Pages held by each open session.", labels=["session", "pid", "name"]
+        )
+        for s in snap.sessions:
+            sessions.add_metric([str(s.id), str(s.pid), s.name], s.pages)
+        yield sessions
+        yield GaugeMetricFamily("vattnd_sessions", "Open sessions.", value=len(snap.sessions))
+        yield CounterMetricFamily(
+            "vattnd_sessions_opened", "Sessions opened since start.", value=self._sessions_opened()
+        )
+
+
+class RpcMetrics:
+    """Per-call instruments; children are created once so a call costs two lookups."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "vattnd_rpc_requests", "RPCs handled, by method and gRPC status code.",
+            ["method", "code"], registry=registry,
+        )
+        self.latency = Histogram(
+            "vattnd_rpc_duration_seconds", "Time to handle Grow and Step RPCs, grant and fd send included.",
+            ["method"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
+
+    def count(self, method: str, code: str) -> None:
+        child = self._counters.get((method, code))
+        if child is None:
+            child = self._counters[(method, code)] = self.requests.labels(method, code)
+        child.inc()
+
+    def observe(self, method: str, seconds: float) -> None:
+        child = self._histograms.get(method)
+        if child is None:
+            child = self._histograms[method] = self.latency.labels(method)
+        child.observe(seconds)

@@ -1,0 +1,460 @@
+"""The allocator state of vattnd: pages, sessions, regions and slots.
+
+A plain object with no I/O, no threads and no clock: callers pass the time in,
+and get back which page ids moved. The servicer turns requests into calls on
+it and its results into replies and fd sends; the backends never appear here.
+
+Rules it keeps (``check_invariants`` verifies them):
+- every page is either on its device's free list or owned by exactly one slot
+  of one region of one session;
+- pages are conserved: free + owned == total, per device;
+- a call that raises changes nothing (every check happens before any change).
+
+Pages of a slot are stored tensor-interleaved: page index ``j`` of tensor
+``t`` sits at ``slot_pages[j * num_tensors + t]``, so growing appends and
+shrinking truncates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, NewType, Sequence
+
+from vattnd.units import format_size
+from vattn.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+PageId = NewType("PageId", int)
+SessionId = NewType("SessionId", int)
+RegionId = NewType("RegionId", int)
+
+# Limits on a region's geometry: generous, but small enough that sizes stay
+# far inside 64-bit arithmetic and a worker's virtual address space.
+MAX_DIM = 4096
+MAX_BATCH = 65536
+MAX_CONTEXT = 1 << 24
+MAX_TENSOR_BYTES = 1 << 44  # 16 TiB of virtual space per K or V tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Shape of every tensor of a region: [max_batch, max_context, heads, dim]."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_size: int
+    max_batch: int
+    max_context: int
+
+    def validate(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_DIM:
+                raise InvalidArgument(f"geometry.{name} is {value}; it must be in 1..{MAX_DIM}")
+        if self.dtype_size not in (1, 2, 4, 8):
+            raise InvalidArgument(
+                f"dtype size {self.dtype_size} is not supported; set geometry.dtype"
+            )
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise InvalidArgument(
+                f"geometry.max_batch is {self.max_batch}; it must be in 1..{MAX_BATCH}"
+            )
+        if not 1 <= self.max_context <= MAX_CONTEXT:
+            raise InvalidArgument(
+                f"geometry.max_context is {self.max_context}; it must be in 1..{MAX_CONTEXT}"
+            )
+
+    @property
+    def num_tensors(self) -> int:
+        return 2 * self.num_layers
+
+    @property
+    def token_bytes(self) -> int:
+        return self.num_kv_heads * self.head_dim * self.dtype_size
+
+
+@dataclass(slots=True)
+class Region:
+    id: RegionId
+    session: SessionId
+    device: int
+    geometry: Geometry
+    page_size: int
+    num_tensors: int
+    token_bytes: int
+    slot_stride: int
+    pages_per_slot: int
+    # Per slot, that slot's pages, tensor-interleaved (see module docstring).
+    slots: list[list[PageId]]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.geometry.max_batch * self.slot_stride
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages per tensor needed to hold ``tokens`` tokens in one slot."""
+        return -(-tokens * self.token_bytes // self.page_size)
+
+    def slot_pages_per_tensor(self, slot: int) -> int:
+        return len(self.slots[slot]) // self.num_tensors
+
+    def pages_held(self) -> int:
+        return sum(len(s) for s in self.slots)
+
+
+@dataclass(slots=True)
+class Session:
+    id: SessionId
+    pid: int
+    uid: int
+    gid: int
+    name: str
+    opened_at: float
+    regions: dict[RegionId, Region] = field(default_factory=dict)
+    pages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGrant:
+    slot: int
+    first_page: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Pages granted by one grow or step, in reply order."""
+
+    grants: tuple[SlotGrant, ...]
+    page_ids: tuple[PageId, ...]
+
+
+EMPTY_GRANT = Grant((), ())
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUsage:
+    device: int
+    pages_total: int
+    pages_free: int
+
+    @property
+    def pages_used(self) -> int:
+        return self.pages_total - self.pages_free
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUsage:
+    id: SessionId
+    pid: int
+    uid: int
+    gid: int
+    name: str
+    opened_at: float
+    pages: int
+    regions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    page_size: int
+    devices: tuple[DeviceUsage, ...]
+    sessions: tuple[SessionUsage, ...]
+
+
+class PoolCore:
+    """Page pools of one or more devices and the sessions that hold pages."""
+
+    def __init__(self, page_size: int, pages_per_device: Mapping[int, int] | None = None):
+        if page_size <= 0:
+            raise ValueError("page_size must be positive")
+        self.page_size = page_size
+        self._total: dict[int, int] = {}
+        self._free: dict[int, list[PageId]] = {}
+        # Device of every page, indexed by page id: ids are dense and given in
+        # the order pages are added, whatever the device.
+        self._device_of: list[int] = []
+        self._sessions: dict[SessionId, Session] = {}
+        self._regions: dict[RegionId, Region] = {}
+        self._next_session = 1
+        self._next_region = 1
+        for device, count in sorted((pages_per_device or {}).items()):
+            self.add_device(device)
+            self.add_pages(device, count)
+
+    def add_device(self, device: int) -> None:
+        """Adds an empty pool for ``device``; pages come with ``add_pages``."""
+        if device in self._total:
+            raise ValueError(f"device {device} already has a pool")
+        self._total[device] = 0
+        self._free[device] = []
+
+    def add_pages(self, device: int, count: int) -> range:
+        """Adds ``count`` new free pages to ``device``'s pool; returns their ids.
+
+        Bring-up calls this as the backend creates pages, so the pool serves
+        requests before it is complete.
+        """
+        if count < 0:
+            raise ValueError("count must not be negative")
+        free = self._free[device]
+        first = len(self._device_of)
+        ids = range(first, first + count)
+        self._device_of.extend([device] * count)
+        self._total[device] += count
+        # Prepended in reverse, so pop() keeps handing out the lowest ids first.
+        free[:0] = reversed(ids)
+        return ids
+
+    # ----- queries ---------------------------------------------------------
+    @property
+    def devices(self) -> list[int]:
+        return sorted(self._total)
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._device_of)
+
+    def device_of(self, page: int) -> int:
+        return self._device_of[page]
+
+    def total_pages(self, device: int) -> int:
+        return self._total[device]
+
+    def free_pages(self, device: int) -> int:
+        return len(self._free[device])
+
+    def session(self, sid: int) -> Session:
+        session = self._sessions.get(SessionId(sid))
+        if session is None:
+            raise Unauthenticated(
+                f"session {sid} is not open (it ended, or the daemon restarted): "
+                "reconnect with vattn.connect()"
+            )
+        return session
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def region(self, sid: int, region_id: int) -> Region:
+        session = self.session(sid)
+        region = self._regions.get(RegionId(region_id))
+        if region is None:
+            raise NotFound(
+                f"region {region_id} does not exist; register one with RegisterRegion"
+            )
+        if region.session != session.id:
+            raise PermissionDenied(
+                f"region {region_id} belongs to another session; use a region this session registered"
+            )
+        return region
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            page_size=self.page_size,
+            devices=tuple(
+                DeviceUsage(d, self._total[d], len(self._free[d])) for d in self.devices
+            ),
+            sessions=tuple(
+                SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions))
+                for s in self._sessions.values()
+            ),
+        )
+
+    # ----- sessions --------------------------------------------------------
+    def open_session(self, pid: int, uid: int, gid: int, name: str, now: float) -> Session:
+        sid = SessionId(self._next_session)
+        self._next_session += 1
+        session = Session(sid, pid, uid, gid, name, now)
+        self._sessions[sid] = session
+        return session
+
+    def close_session(self, sid: int) -> list[PageId]:
+        """Ends a session and returns every page it held (ids released)."""
+        session = self.session(sid)
+        released: list[PageId] = []
+        for region_id in list(session.regions):
+            released.extend(self._drop_region(session, region_id))
+        del self._sessions[session.id]
+        return released
+
+    # ----- regions ---------------------------------------------------------
+    def register_region(self, sid: int, geometry: Geometry, device: int) -> Region:
+        session = self.session(sid)
+        geometry.validate()
+        if device not in self._total:
+            raise InvalidArgument(
+                f"device {device} is not served by this daemon; use one of {self.devices}"
+            )
+        token_bytes = geometry.token_bytes
+        slot_bytes = geometry.max_context * token_bytes
+        pages_per_slot = -(-slot_bytes // self.page_size)
+        slot_stride = pages_per_slot * self.page_size
+        if geometry.max_batch * slot_stride > MAX_TENSOR_BYTES:
+            raise InvalidArgument(
+                f"one K/V tensor would need {format_size(geometry.max_batch * slot_stride)} of "
+                f"virtual memory (max_batch {geometry.max_batch} x {format_size(slot_stride)} per slot); "
+                f"the limit is {format_size(MAX_TENSOR_BYTES)}: lower max_batch or max_context"
+            )
+        region = Region(
+            id=RegionId(self._next_region),
+            session=session.id,
+            device=device,
+            geometry=geometry,
+            page_size=self.page_size,
+            num_tensors=geometry.num_tensors,
+            token_bytes=token_bytes,
+            slot_stride=slot_stride,
+            pages_per_slot=pages_per_slot,
+            slots=[[] for _ in range(geometry.max_batch)],
+        )
+        self._next_region += 1
+        self._regions[region.id] = region
+        session.regions[region.id] = region
+        return region
+
+    def release_region(self, sid: int, region_id: int) -> list[PageId]:
+        region = self.region(sid, region_id)
+        return self._drop_region(self._sessions[region.session], region.id)
+
+    def _drop_region(self, session: Session, region_id: RegionId) -> list[PageId]:
+        region = session.regions.pop(region_id)
+        del self._regions[region_id]
+        released: list[PageId] = []
+        free = self._free[region.device]
+        for pages in region.slots:
+            released.extend(pages)
+            free.extend(pages)
+            pages.clear()
+        session.pages -= len(released)
+        return released
+
+    # ----- slots -----------------------------------------------------------
+    def _check_slot(self, region: Region, slot: int) -> None:
+        if not 0 <= slot < region.geometry.max_batch:
+            raise OutOfRange(
+                f"slot {slot} is outside region {region.id}'s slots 0..{region.geometry.max_batch - 1}"
+            )
+
+    def _check_tokens(self, region: Region, slot: int, tokens: int) -> None:
+        if tokens < 0:
+            raise InvalidArgument(f"tokens must not be negative (slot {slot}: {tokens})")
+        if tokens > region.geometry.max_context:
+            raise OutOfRange(
+                f"slot {slot}: {tokens} tokens exceed region {region.id}'s max_context "
+                f"{region.geometry.max_context}; stop the request or register a region with a larger max_context"
+            )
+
+    def grow(self, sid: int, region_id: int, slot: int, tokens: int) -> Grant:
+        """Makes ``slot`` hold at least ``tokens`` tokens; never shrinks."""
+        return self.step(sid, region_id, ((slot, tokens),))
+
+    def step(self, sid: int, region_id: int, entries: Sequence[tuple[int, int]]) -> Grant:
+        """Grows many slots at once; all or nothing."""
+        region = self.region(sid, region_id)
+        num_tensors = region.num_tensors
+        plan: list[tuple[int, int, int]] = []  # (slot, have, need) pages per tensor
+        seen: set[int] = set()
+        wanted = 0
+        for slot, tokens in entries:
+            self._check_slot(region, slot)
+            self._check_tokens(region, slot, tokens)
+            if slot in seen:
+                raise InvalidArgument(f"slot {slot} appears twice in one step; give each slot once")
+            seen.add(slot)
+            have = len(region.slots[slot]) // num_tensors
+            need = region.pages_for(tokens)
+            if need > have:
+                plan.append((slot, have, need - have))
+                wanted += (need - have) * num_tensors
+        if not plan:
+            return EMPTY_GRANT
+        free = self._free[region.device]
+        if wanted > len(free):
+            raise ResourceExhausted(
+                f"device {region.device}: this call needs {wanted} pages "
+                f"({format_size(wanted * self.page_size)}) but {len(free)} of "
+                f"{self._total[region.device]} are free; free or shrink slots, or give "
+                f"vattnd a larger --pool-size"
+            )
+        # Commit: nothing below can fail.
+        granted = free[len(free) - wanted :]
+        del free[len(free) - wanted :]
+        granted.reverse()
+        grants = []
+        offset = 0
+        for slot, have, count in plan:
+            n = count * num_tensors
+            region.slots[slot].extend(granted[offset : offset + n])
+            offset += n
+            grants.append(SlotGrant(slot, have, count))
+        self._sessions[region.session].pages += wanted
+        return Grant(tuple(grants), tuple(granted))
+
+    def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
+        """Returns the pages of ``slot`` beyond ``tokens`` tokens.
+
+        Returns (pages per tensor kept, page ids released).
+        """
+        region = self.region(sid, region_id)
+        self._check_slot(region, slot)
+        self._check_tokens(region, slot, tokens)
+        pages = region.slots[slot]
+        keep = min(region.pages_for(tokens), len(pages) // region.num_tensors)
+        cut = keep * region.num_tensors
+        released = pages[cut:]
+        del pages[cut:]
+        self._free[region.device].extend(reversed(released))
+        self._sessions[region.session].pages -= len(released)
+        return keep, released
+
+    # ----- checking --------------------------------------------------------
+    def owners(self) -> dict[PageId, tuple[SessionId, RegionId, int]]:
+        """Every owned page and its (session, region, slot). For tests and audits."""
+        owned: dict[PageId, tuple[SessionId, RegionId, int]] = {}
+        for region in self._regions.values():
+            for slot, pages in enumerate(region.slots):
+                for page in pages:
+                    if page in owned:
+                        raise AssertionError(f"page {page} owned twice: {owned[page]} and {(region.session, region.id, slot)}")
+                    owned[page] = (region.session, region.id, slot)
+        return owned
+
+    def check_invariants(self) -> None:
+        owned = self.owners()
+        free_all: set[int] = set()
+        for device in self.devices:
+            free = self._free[device]
+            total = self._total[device]
+            ids = set(free)
+            if len(ids) != len(free):
+                raise AssertionError(f"device {device}: a page is on the free list twice")
+            if any(self._device_of[p] != device for p in ids):
+                raise AssertionError(f"device {device}: foreign page on the free list")
+            free_all |= ids
+            used = sum(1 for p in owned if self._device_of[p] == device)
+            if used + len(free) != total:
+                raise AssertionError(f"device {device}: {used} used + {len(free)} free != {total}")
+        if free_all & owned.keys():
+            raise AssertionError(f"pages both free and owned: {sorted(free_all & owned.keys())[:10]}")
+        for region in self._regions.values():
+            if region.id not in self._sessions[region.session].regions:
+                raise AssertionError(f"region {region.id} missing from its session")
+            for slot, pages in enumerate(region.slots):
+                if len(pages) % region.num_tensors:
+                    raise AssertionError(f"region {region.id} slot {slot}: ragged pages")
+                if len(pages) // region.num_tensors > region.pages_per_slot:
+                    raise AssertionError(f"region {region.id} slot {slot}: over max_context")
+                if any(self.device_of(p) != region.device for p in pages):
+                    raise AssertionError(f"region {region.id}: page from another device")
+        for session in self._sessions.values():
+            held = sum(r.pages_held() for r in session.regions.values())
+            if held != session.pages:
+                raise AssertionError(f"session {session.id}: counts {session.pages}, holds {held}")
+

@@ -1,0 +1,1 @@
+"""gRPC layer: the servicer and ``create_server``."""
