@@ -49,22 +49,20 @@ def _rpc(method: Callable) -> Callable:
         start = time.perf_counter()
         try:
             reply = method(self, request, context)
-            code = "OK"
         except VattnError as exc:
-            code = exc.code
-            context.set_code(getattr(grpc.StatusCode, code))
-            context.set_details(exc.message)
-            reply = None
+            status, details = getattr(grpc.StatusCode, exc.code), exc.message
         except Exception:  # noqa: BLE001 - a bug must answer, not hang the caller
             log.exception("%s failed", name)
-            code = "INTERNAL"
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"{name} failed inside vattnd; see the daemon's log")
-            reply = None
-        self.metrics.count(name, code)
+            status, details = grpc.StatusCode.INTERNAL, f"{name} failed inside vattnd; see the daemon's log"
+        else:
+            self.metrics.count(name, "OK")
+            if timed:
+                self.metrics.observe(name, time.perf_counter() - start)
+            return reply
+        self.metrics.count(name, status.name)
         if timed:
             self.metrics.observe(name, time.perf_counter() - start)
-        return reply
+        context.abort(status, details)
 
     return wrapper
 

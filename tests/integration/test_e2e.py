@@ -1,0 +1,215 @@
+"""End to end on the host backend: a real daemon, real worker processes, real shared memory."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vattn
+from tests.integration import workers
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def test_grow_maps_pages_and_tensors_are_plain_contiguous_tensors(pool, daemon):
+    cache = pool.kv_cache(num_layers=3, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
+                          dtype=torch.float16)
+    assert len(cache.k) == len(cache.v) == 3
+    for t in cache.k + cache.v:
+        assert t.shape == (4, 1024, 2, 64) and t.dtype == torch.float16 and t.device.type == "cpu"
+        assert t.is_contiguous()  # 1024 x 256 B = 4 pages of 64 KiB exactly
+    slot = cache.alloc()
+    assert daemon.used_pages() == 0
+    cache.grow(slot, 300)  # 300 x 256 B -> 2 pages per tensor, 6 tensors
+    assert cache.pages(slot) == 2 and cache.capacity(slot) == 512
+    assert daemon.used_pages() == 12
+    cache.grow(slot, 512)  # already covered: no RPC, no pages
+    assert daemon.used_pages() == 12
+    cache.k[2][slot, :512] = 3.0
+    assert cache.k[2][slot, :512].sum(dtype=torch.float32).item() == 3.0 * 512 * 128
+    cache.free(slot)
+    assert daemon.used_pages() == 0 and cache.pages(slot) == 0
+    assert cache.alloc() == slot  # the freed slot comes back first
+
+
+def test_slot_stride_is_padded_to_whole_pages(pool):
+    # 100 tokens x 2 heads x 64 x 2 B = 25600 B per slot -> one 64 KiB page
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=3, max_context=100)
+    assert cache.layout.slot_stride == 65536 and cache.layout.pages_per_slot == 1
+    k = cache.k[0]
+    assert k.shape == (3, 100, 2, 64) and k.stride()[0] == 65536 // 2 and not k.is_contiguous()
+    assert k[0].is_contiguous()
+    cache.step({0: 100, 2: 1})
+    k[0] = 1.0
+    k[2, :1] = 2.0
+    assert k[0].sum().item() == 100 * 128 and k[2, :1].sum().item() == 2 * 128
+
+
+def test_step_grows_many_slots_in_one_call_all_or_nothing(pool, daemon):
+    cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=8, max_context=4096)
+    slots = [cache.alloc() for _ in range(4)]
+    cache.step({s: 256 * (i + 1) for i, s in enumerate(slots)})  # 1, 2, 3, 4 pages per tensor
+    assert [cache.pages(s) for s in slots] == [1, 2, 3, 4]
+    assert daemon.used_pages() == 10 * 8
+    before = daemon.used_pages()
+    with pytest.raises(vattn.ResourceExhausted, match="needs 504 pages .* 432 of 512 are free"):
+        cache.step({slots[0]: 4096, 5: 4096, 6: 4096, 7: 4096})  # (15 + 3 x 16) pages x 8 tensors
+    assert daemon.used_pages() == before and cache.pages(slots[0]) == 1
+    with pytest.raises(vattn.OutOfRange, match="max_context 4096"):
+        cache.step({slots[0]: 300, slots[1]: 4097})
+    assert daemon.used_pages() == before and cache.pages(slots[0]) == 1
+
+
+def test_data_survives_other_slots_and_workers_growing_and_freeing(daemon):
+    result = SPAWN.Queue()
+    procs = [SPAWN.Process(target=workers.churn, args=(daemon.socket, seed, 60, result)) for seed in (1, 2, 3)]
+    for p in procs:
+        p.start()
+    outcomes = [result.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    errors = [o for o in outcomes if o[0] != "ok"]
+    assert not errors, errors
+    assert all(o[2] > 0 for o in outcomes)  # every worker verified live data
+    assert daemon.wait_used_pages(0) == 0
+    assert daemon.stats().sessions == []
+
+
+def test_sigkilled_worker_pages_return_to_the_pool(daemon):
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers.hold, args=(daemon.socket, 1000, result))
+    proc.start()
+    pid, pages = result.get(timeout=60)
+    assert pages > 0
+    assert daemon.used_pages() == pages
+    sessions = daemon.stats().sessions
+    assert [(s.pid, s.pages) for s in sessions] == [(pid, pages)]
+    os.kill(pid, signal.SIGKILL)
+    proc.join(10)
+    assert daemon.wait_used_pages(0) == 0
+    assert daemon.stats().sessions == []
+    assert f"session {sessions[0].session_id} (pid {pid}) closed; {pages} pages returned" in daemon.log()
+
+
+def test_attention_on_mapped_kv_equals_ordinary_tensors(pool):
+    torch.manual_seed(0)
+    layers, heads_q, heads_kv, dim, ctx = 2, 8, 2, 64, 700
+    cache = pool.kv_cache(num_layers=layers, num_kv_heads=heads_kv, head_dim=dim, max_batch=4, max_context=2048,
+                          dtype=torch.float32)
+    slots = [cache.alloc(), cache.alloc()]
+    cache.step({s: ctx for s in slots})
+    for layer in range(layers):
+        for s in slots:
+            cache.k[layer][s, :ctx] = torch.randn(ctx, heads_kv, dim)
+            cache.v[layer][s, :ctx] = torch.randn(ctx, heads_kv, dim)
+    q = torch.randn(len(slots), heads_q, 5, dim)
+    for layer in range(layers):
+        # [slots, ctx, H, D] -> [slots, H, ctx, D], views of the mapped memory
+        k = cache.k[layer][slots[0] : slots[-1] + 1, :ctx].transpose(1, 2)
+        v = cache.v[layer][slots[0] : slots[-1] + 1, :ctx].transpose(1, 2)
+        assert k.data_ptr() == cache.k[layer].data_ptr()  # no copy was made
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        ref = F.scaled_dot_product_attention(q, k.clone(), v.clone(), enable_gqa=True)
+        assert torch.equal(out, ref)
+
+
+def test_errors_are_typed_and_change_nothing(daemon, pool):
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
+    slot = cache.alloc()
+    cache.grow(slot, 100)
+    other = vattn.connect(daemon.socket, name="other")
+    try:
+        before = daemon.stats().pools
+        cases = [
+            (lambda: pool.kv_cache(num_layers=0, num_kv_heads=2, head_dim=64, max_batch=2, max_context=8),
+             vattn.InvalidArgument, "num_layers is 0"),
+            (lambda: pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=8, device=3),
+             vattn.InvalidArgument, "device 3"),
+            (lambda: pool.session.grow(987654, 0, 10), vattn.NotFound, "region 987654"),
+            (lambda: other.session.grow(cache.region_id, 0, 10), vattn.PermissionDenied, "another session"),
+            (lambda: other.session.free(cache.region_id, 0), vattn.PermissionDenied, "another session"),
+            (lambda: cache.grow(slot, 1025), vattn.OutOfRange, "max_context 1024"),
+            (lambda: cache.grow(2, 10), vattn.OutOfRange, "slot 2"),
+            (lambda: pool.session.step(cache.region_id, [(0, 10), (0, 20)]), vattn.InvalidArgument, "twice"),
+            (lambda: cache.grow(1, 1024 * 300), vattn.OutOfRange, "max_context"),
+        ]
+        for call, exc, text in cases:
+            with pytest.raises(exc, match=text):
+                call()
+            assert daemon.stats().pools == before
+        big = other.kv_cache(num_layers=8, num_kv_heads=8, head_dim=128, max_batch=4, max_context=65536)
+        with pytest.raises(vattn.ResourceExhausted, match="free or shrink slots"):
+            big.grow(big.alloc(), 65536)
+        assert daemon.stats().pools == before
+        assert cache.k[0][slot, :100].shape == (100, 2, 64)  # the cache still works
+    finally:
+        other.close()
+
+
+def test_raw_rpc_validation(daemon, pool):
+    from vattn.v1 import vattn_pb2 as pb
+
+    stub = pool.session.stub
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Grow(pb.GrowRequest(session_token="nope", region_id=1, slot=0, tokens=1), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterRegion(pb.RegisterRegionRequest(session_token=pool.session.token), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "geometry is missing" in err.value.details()
+    geometry = pb.Geometry(num_layers=1, num_kv_heads=1, head_dim=8, max_batch=1, max_context=8)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterRegion(pb.RegisterRegionRequest(session_token=pool.session.token, geometry=geometry), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "DTYPE_FLOAT16" in err.value.details()
+
+
+def test_unreachable_daemon_is_a_clear_error(short_tmp):
+    with pytest.raises(vattn.Unavailable, match="is it running"):
+        vattn.connect(os.path.join(short_tmp, "nothing.sock"), timeout=2)
+
+
+def test_daemon_gone_gives_clear_errors_not_hangs(short_tmp):
+    from tests.conftest import start_daemon
+
+    d = start_daemon(short_tmp)
+    pool = vattn.connect(d.socket, timeout=5)
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=2048)
+    slot = cache.alloc()
+    cache.grow(slot, 100)
+    cache.k[0][slot, :100] = 7.0
+    d.stop(signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(vattn.Unavailable):
+        cache.grow(slot, 2000)
+    assert time.monotonic() - t0 < 5
+    # Pages already mapped stay readable and writable.
+    assert cache.k[0][slot, :100].sum(dtype=torch.float32).item() == 7.0 * 100 * 128
+    pool.close()
+
+
+def test_many_fds_in_one_step(short_tmp):
+    """A grant larger than one datagram's 253 fds arrives whole and in order."""
+    from tests.conftest import start_daemon
+
+    d = start_daemon(short_tmp, pool_size="64MiB", page_size="16KiB")
+    try:
+        with vattn.connect(d.socket) as pool:
+            cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=4, max_context=8192,
+                                  dtype=torch.float16)
+            cache.step({0: 8192, 1: 8192, 2: 5000})  # 8 tensors x (128 + 128 + 79) pages = 2680 fds
+            assert d.used_pages() == 8 * (128 + 128 + 79)
+            for layer in range(4):
+                for slot in range(3):
+                    cache.k[layer][slot, :5000] = layer * 10 + slot
+            for layer in range(4):
+                for slot in range(3):
+                    assert torch.all(cache.k[layer][slot, :5000] == layer * 10 + slot)
+        assert d.wait_used_pages(0) == 0
+    finally:
+        assert d.stop() == 0

@@ -1,0 +1,85 @@
+"""Worker processes for the integration tests (started with multiprocessing 'spawn')."""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+
+def pattern(torch, seed: int, slot: int, layer: int, kind: int, tokens: int, heads: int, dim: int):
+    """Deterministic content for (seed, slot, layer, K/V, token)."""
+    pos = torch.arange(tokens, dtype=torch.float32).view(tokens, 1, 1)
+    base = float((seed * 7919 + slot * 131 + layer * 17 + kind * 5) % 1000)
+    return ((pos * 0.25 + base) % 2048).expand(tokens, heads, dim).to(torch.float16)
+
+
+def churn(socket_path: str, seed: int, rounds: int, result) -> None:
+    """Grows, writes, steps and frees random slots; checks every live slot's data each round."""
+    import torch
+
+    import vattn
+
+    rng = random.Random(seed)
+    layers, heads, dim = 2, 2, 32
+    pool = vattn.connect(socket_path, name=f"churn-{seed}")
+    cache = pool.kv_cache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=6, max_context=2048,
+                          dtype=torch.float16)
+    live: dict[int, tuple[int, int]] = {}  # slot -> (tokens written, content seed)
+    checks = 0
+    try:
+        for r in range(rounds):
+            op = rng.random()
+            if (op < 0.45 or not live) and len(live) < cache.max_batch:
+                slot = cache.alloc()
+                tokens = rng.randint(1, 900)
+                cache.grow(slot, tokens)
+                content = rng.randint(0, 10**6)
+                for layer in range(layers):
+                    cache.k[layer][slot, :tokens] = pattern(torch, content, slot, layer, 0, tokens, heads, dim)
+                    cache.v[layer][slot, :tokens] = pattern(torch, content, slot, layer, 1, tokens, heads, dim)
+                live[slot] = (tokens, content)
+            elif op < 0.8:
+                # One batched step: every live slot gains a few tokens (written after the step).
+                targets = {slot: min(2048, t + rng.randint(1, 150)) for slot, (t, _) in live.items()}
+                cache.step(targets)
+                for slot, new in targets.items():
+                    t, content = live[slot]
+                    full = [pattern(torch, content, slot, layer, kind, new, heads, dim)
+                            for layer in range(layers) for kind in (0, 1)]
+                    for layer in range(layers):
+                        cache.k[layer][slot, t:new] = full[2 * layer][t:]
+                        cache.v[layer][slot, t:new] = full[2 * layer + 1][t:]
+                    live[slot] = (new, content)
+            else:
+                slot = rng.choice(sorted(live))
+                cache.free(slot)
+                del live[slot]
+            for slot, (tokens, content) in live.items():
+                for layer in range(layers):
+                    for kind, tensor in ((0, cache.k[layer]), (1, cache.v[layer])):
+                        want = pattern(torch, content, slot, layer, kind, tokens, heads, dim)
+                        if not torch.equal(tensor[slot, :tokens], want):
+                            raise AssertionError(f"seed {seed} round {r}: slot {slot} layer {layer} kind {kind} corrupted")
+                checks += 1
+        result.put(("ok", seed, checks, sum(cache.pages(s) for s in range(cache.max_batch))))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        result.put(("error", seed, repr(exc), 0))
+    finally:
+        pool.close()
+
+
+def hold(socket_path: str, tokens: int, result) -> None:
+    """Takes pages, reports how many, then waits to be killed."""
+    import torch
+
+    import vattn
+
+    pool = vattn.connect(socket_path, name="holder")
+    cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096,
+                          dtype=torch.float16)
+    for _ in range(3):
+        slot = cache.alloc()
+        cache.grow(slot, tokens)
+        cache.k[0][slot, :tokens] = 1.0
+    result.put((os.getpid(), sum(cache.pages(s) for s in range(4)) * 8))
+    time.sleep(600)

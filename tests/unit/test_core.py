@@ -1,0 +1,289 @@
+"""The pure pool core: unit tests and a hypothesis state machine."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from vattn.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    VattnError,
+)
+from vattnd.pool import Geometry, PoolCore
+
+PAGE = 4096
+
+
+def geo(layers=2, heads=2, dim=64, size=2, batch=4, context=256) -> Geometry:
+    return Geometry(layers, heads, dim, size, batch, context)
+
+
+def fresh(pages=64, devices=(0,)):
+    core = PoolCore(PAGE, {d: pages for d in devices})
+    sid = core.open_session(pid=100, uid=0, gid=0, name="w", now=0.0).id
+    return core, sid
+
+
+def state(core: PoolCore):
+    """Everything observable, for 'a failed call changes nothing' checks."""
+    return (copy.deepcopy(core._free), core.owners(), core.snapshot())
+
+
+def test_layout_of_a_region():
+    core, sid = fresh()
+    region = core.register_region(sid, geo(layers=3, heads=2, dim=64, size=2, batch=5, context=100), 0)
+    assert region.num_tensors == 6
+    assert region.token_bytes == 256
+    # 100 tokens x 256 B = 25600 B -> 7 pages of 4 KiB per slot
+    assert region.pages_per_slot == 7
+    assert region.slot_stride == 7 * PAGE
+    assert region.tensor_bytes == 5 * 7 * PAGE
+
+
+def test_grow_grants_tensor_interleaved_pages_and_is_idempotent():
+    core, sid = fresh()
+    region = core.register_region(sid, geo(), 0)  # 4 tensors, 256 B per token
+    grant = core.grow(sid, region.id, 1, 20)  # 5120 B -> 2 pages per tensor
+    assert [(g.slot, g.first_page, g.count) for g in grant.grants] == [(1, 0, 2)]
+    assert len(grant.page_ids) == 8 and len(set(grant.page_ids)) == 8
+    assert core.grow(sid, region.id, 1, 20).page_ids == ()
+    assert core.grow(sid, region.id, 1, 3).page_ids == ()  # never shrinks
+    grant2 = core.grow(sid, region.id, 1, 33)  # 8448 B -> 3 pages
+    assert [(g.first_page, g.count) for g in grant2.grants] == [(2, 1)]
+    assert region.slots[1] == list(grant.page_ids) + list(grant2.page_ids)
+    assert core.free_pages(0) == 64 - 12
+    core.check_invariants()
+
+
+def test_step_is_all_or_nothing():
+    core, sid = fresh(pages=16)
+    region = core.register_region(sid, geo(), 0)
+    before = state(core)
+    with pytest.raises(ResourceExhausted, match=r"needs 20 pages .* 16 of 16 are free"):
+        core.step(sid, region.id, [(0, 32), (1, 16), (2, 32)])  # 2 + 1 + 2 pages x 4 tensors
+    assert state(core) == before
+    with pytest.raises(OutOfRange):
+        core.step(sid, region.id, [(0, 16), (9, 16)])
+    with pytest.raises(InvalidArgument, match="twice"):
+        core.step(sid, region.id, [(0, 16), (0, 32)])
+    with pytest.raises(OutOfRange, match="max_context"):
+        core.step(sid, region.id, [(0, 16), (1, 257)])
+    with pytest.raises(InvalidArgument, match="negative"):
+        core.step(sid, region.id, [(0, -1)])
+    assert state(core) == before
+    grant = core.step(sid, region.id, [(0, 16), (1, 32), (3, 0)])
+    assert [(g.slot, g.count) for g in grant.grants] == [(0, 1), (1, 2)]
+    core.check_invariants()
+
+
+def test_shrink_and_free_return_pages():
+    core, sid = fresh()
+    region = core.register_region(sid, geo(), 0)
+    core.grow(sid, region.id, 0, 64)  # 4 pages per tensor
+    keep, released = core.shrink(sid, region.id, 0, 17)  # 2 pages
+    assert keep == 2 and len(released) == 8
+    assert core.shrink(sid, region.id, 0, 100)[1] == []  # shrink never grows
+    keep, released = core.shrink(sid, region.id, 0, 0)
+    assert keep == 0 and len(released) == 8
+    assert core.free_pages(0) == 64
+    core.check_invariants()
+
+
+def test_errors_name_the_problem_and_change_nothing():
+    core, sid = fresh()
+    other = core.open_session(pid=200, uid=0, gid=0, name="x", now=0.0).id
+    region = core.register_region(sid, geo(), 0)
+    core.grow(sid, region.id, 0, 10)
+    before = state(core)
+    cases = [
+        (lambda: core.grow(other, region.id, 0, 10), PermissionDenied, "another session"),
+        (lambda: core.grow(sid, 999, 0, 10), NotFound, "region 999"),
+        (lambda: core.grow(12345, region.id, 0, 10), Unauthenticated, "not open"),
+        (lambda: core.grow(sid, region.id, 4, 10), OutOfRange, "slot 4"),
+        (lambda: core.grow(sid, region.id, -1, 10), OutOfRange, "slot -1"),
+        (lambda: core.shrink(other, region.id, 0, 0), PermissionDenied, "another session"),
+        (lambda: core.release_region(other, region.id), PermissionDenied, "another session"),
+        (lambda: core.register_region(sid, geo(layers=0), 0), InvalidArgument, "num_layers"),
+        (lambda: core.register_region(sid, geo(size=3), 0), InvalidArgument, "dtype"),
+        (lambda: core.register_region(sid, geo(batch=0), 0), InvalidArgument, "max_batch"),
+        (lambda: core.register_region(sid, geo(context=1 << 25), 0), InvalidArgument, "max_context"),
+        (lambda: core.register_region(sid, geo(), 7), InvalidArgument, "device 7"),
+        (lambda: core.register_region(sid, geo(layers=4096, heads=4096, dim=4096, size=4, batch=65536,
+                                               context=1 << 24), 0), InvalidArgument, "virtual memory"),
+    ]
+    for call, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            call()
+        assert state(core) == before
+
+
+def test_close_session_returns_everything():
+    core, sid = fresh(pages=32, devices=(0, 1))
+    r0 = core.register_region(sid, geo(), 0)
+    r1 = core.register_region(sid, geo(), 1)
+    core.grow(sid, r0.id, 0, 100)
+    core.grow(sid, r1.id, 2, 40)
+    assert core.session(sid).pages == 4 * 7 + 4 * 3
+    released = core.close_session(sid)
+    assert len(released) == 40
+    assert core.free_pages(0) == core.free_pages(1) == 32
+    with pytest.raises(Unauthenticated):
+        core.grow(sid, r0.id, 0, 1)
+    core.check_invariants()
+
+
+def test_pages_of_a_device_stay_on_it_and_bring_up_adds_pages_live():
+    core = PoolCore(PAGE)
+    core.add_device(0)
+    core.add_device(1)
+    core.add_pages(0, 4)
+    core.add_pages(1, 4)
+    core.add_pages(0, 4)  # a later chunk, ids interleaved with device 1's
+    sid = core.open_session(1, 0, 0, "w", 0.0).id
+    region = core.register_region(sid, geo(layers=1), 0)  # 2 tensors
+    grant = core.grow(sid, region.id, 0, 64)  # 4 pages x 2 tensors = all 8 of device 0
+    assert sorted(grant.page_ids) == [0, 1, 2, 3, 8, 9, 10, 11]
+    with pytest.raises(ResourceExhausted):
+        core.grow(sid, region.id, 1, 1)
+    core.check_invariants()
+
+
+# ----- model-based: random operations against a simple reference model -----
+
+class PoolMachine(RuleBasedStateMachine):
+    """Drives PoolCore with random calls; a dict model predicts every outcome."""
+
+    PAGES = {0: 48, 1: 24}
+
+    def __init__(self):
+        super().__init__()
+        self.core = PoolCore(PAGE, self.PAGES)
+        self.sessions: list[int] = []
+        self.regions: dict[int, tuple[int, int, Geometry]] = {}  # id -> (session, device, geometry)
+        self.model: dict[tuple[int, int], int] = {}  # (region, slot) -> pages per tensor
+
+    def _pages_per_tensor(self, g: Geometry, tokens: int) -> int:
+        return -(-tokens * g.token_bytes // PAGE)
+
+    def _free(self, device: int) -> int:
+        used = sum(
+            n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][1] == device
+        )
+        return self.PAGES[device] - used
+
+    @rule(pid=st.integers(1, 10**6))
+    def open_session(self, pid):
+        self.sessions.append(self.core.open_session(pid, 0, 0, "w", 0.0).id)
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data())
+    def close_session(self, data):
+        sid = data.draw(st.sampled_from(self.sessions))
+        self.core.close_session(sid)
+        self.sessions.remove(sid)
+        for rid in [r for r, (s, _, _) in self.regions.items() if s == sid]:
+            del self.regions[rid]
+            for key in [k for k in self.model if k[0] == rid]:
+                del self.model[key]
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data(), layers=st.integers(1, 3), heads=st.integers(1, 4), device=st.sampled_from([0, 1]),
+          batch=st.integers(1, 4), context=st.integers(1, 200))
+    def register(self, data, layers, heads, device, batch, context):
+        sid = data.draw(st.sampled_from(self.sessions))
+        g = Geometry(layers, heads, 32, 2, batch, context)
+        region = self.core.register_region(sid, g, device)
+        self.regions[region.id] = (sid, device, g)
+
+    @precondition(lambda self: self.regions)
+    @rule(data=st.data(), foreign=st.booleans())
+    def step(self, data, foreign):
+        rid = data.draw(st.sampled_from(sorted(self.regions)))
+        owner, device, g = self.regions[rid]
+        sid = owner
+        if foreign and len(self.sessions) > 1:
+            sid = data.draw(st.sampled_from([s for s in self.sessions if s != owner]))
+        slots = data.draw(st.lists(st.integers(-1, g.max_batch), max_size=4))
+        entries = [(s, data.draw(st.integers(-1, g.max_context + 1))) for s in slots]
+        before = state(self.core)
+        expected: type[VattnError] | None = None
+        if sid != owner:
+            expected = PermissionDenied
+        else:
+            want, seen = 0, set()
+            for slot, tokens in entries:
+                if not 0 <= slot < g.max_batch:
+                    expected = OutOfRange
+                    break
+                if tokens < 0:
+                    expected = InvalidArgument
+                    break
+                if tokens > g.max_context:
+                    expected = OutOfRange
+                    break
+                if slot in seen:
+                    expected = InvalidArgument
+                    break
+                seen.add(slot)
+                have = self.model.get((rid, slot), 0)
+                want += max(0, self._pages_per_tensor(g, tokens) - have) * g.num_tensors
+            if expected is None and want > self._free(device):
+                expected = ResourceExhausted
+        if expected is not None:
+            with pytest.raises(expected):
+                self.core.step(sid, rid, entries)
+            assert state(self.core) == before
+            return
+        grant = self.core.step(sid, rid, entries)
+        assert len(grant.page_ids) == want
+        for slot, tokens in entries:
+            have = self.model.get((rid, slot), 0)
+            self.model[(rid, slot)] = max(have, self._pages_per_tensor(g, tokens))
+
+    @precondition(lambda self: self.regions)
+    @rule(data=st.data())
+    def shrink(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.regions)))
+        sid, _, g = self.regions[rid]
+        slot = data.draw(st.integers(0, g.max_batch - 1))
+        tokens = data.draw(st.integers(0, g.max_context))
+        have = self.model.get((rid, slot), 0)
+        keep, released = self.core.shrink(sid, rid, slot, tokens)
+        assert keep == min(have, self._pages_per_tensor(g, tokens))
+        assert len(released) == (have - keep) * g.num_tensors
+        self.model[(rid, slot)] = keep
+
+    @precondition(lambda self: self.regions)
+    @rule(data=st.data())
+    def release(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.regions)))
+        sid, _, g = self.regions.pop(rid)
+        expected = sum(n for (r, _), n in self.model.items() if r == rid) * g.num_tensors
+        assert len(self.core.release_region(sid, rid)) == expected
+        for key in [k for k in self.model if k[0] == rid]:
+            del self.model[key]
+
+    @invariant()
+    def conserved_and_single_owner(self):
+        self.core.check_invariants()
+        for device in self.PAGES:
+            assert self.core.free_pages(device) == self._free(device)
+        for sid in self.sessions:
+            held = sum(
+                n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][0] == sid
+            )
+            assert self.core.session(sid).pages == held
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
