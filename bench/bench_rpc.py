@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Grow / Step latency and RPC throughput with 1, 4 and 8 concurrent workers.
+
+Starts its own daemon (host backend unless --backend says otherwise), then for
+each worker count runs that many worker processes at once. Each worker owns a
+KV region with a Llama-3-8B-like geometry (32 layers, 8 KV heads, head dim
+128, fp16: 64 tensors, 2 KiB per token per tensor) and repeats:
+
+  grow   one slot by one page per tensor   (1 RPC, 64 pages mapped)
+  step   8 slots by one page per tensor    (1 RPC, 512 pages mapped)
+  rpc    a Step that grants nothing        (1 RPC, the round-trip floor)
+  free   the slots again                   (unmap + 1 RPC per slot)
+
+Latencies are measured in the worker around the client call, so they include
+the RPC, receiving the fds and mapping them. Throughput is RPCs completed by
+all workers per second of wall time.
+
+    python bench/bench_rpc.py                       # host backend, 1/4/8 workers
+    python bench/bench_rpc.py --backend cuda --devices 0
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LAYERS, HEADS, DIM = 32, 8, 128
+PAGE = 2 << 20
+TOKENS_PER_PAGE = PAGE // (HEADS * DIM * 2)  # 1024
+
+
+def worker(socket_path: str, seconds: float, barrier, out) -> None:
+    import torch
+
+    import vattn
+
+    pool = vattn.connect(socket_path, name=f"bench-{os.getpid()}")
+    cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, max_batch=16,
+                          max_context=8 * TOKENS_PER_PAGE, dtype=torch.float16, device=0)
+    lat = {"grow": [], "step": [], "rpc": [], "free": []}
+    rpcs = 0
+    barrier.wait()
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        # grow: one slot, one page per tensor
+        t0 = time.perf_counter()
+        cache.grow(0, TOKENS_PER_PAGE)
+        lat["grow"].append(time.perf_counter() - t0)
+        # step: 8 slots, one page per tensor each
+        targets = {s: TOKENS_PER_PAGE for s in range(1, 9)}
+        t0 = time.perf_counter()
+        cache.step(targets)
+        lat["step"].append(time.perf_counter() - t0)
+        # rpc: a Step the daemon answers without granting (bypasses the client's no-op shortcut)
+        t0 = time.perf_counter()
+        pool.session.step(cache.region_id, [(0, 1)])
+        lat["rpc"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in range(9):
+            cache.free(s)
+        lat["free"].append((time.perf_counter() - t0) / 9)
+        rpcs += 3 + 9
+    out.put((lat, rpcs))
+    pool.close()
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="host", choices=["host", "cuda"])
+    ap.add_argument("--workers", default="1,4,8")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--pool-size", default="12GiB")
+    ap.add_argument("--devices", default="0")
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
+    args = ap.parse_args()
+
+    folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
+    sock = os.path.join(folder, "vattnd.sock")
+    log = open(os.path.join(folder, "vattnd.log"), "wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", args.backend,
+         "--pool-size", args.pool_size, "--page-size", str(PAGE), "--metrics-port", "-1",
+         "--devices", args.devices, "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        from tests.conftest import wait_serving
+
+        wait_serving(sock, daemon, log.name, timeout=120)
+        ctx = multiprocessing.get_context("spawn")
+        rows = []
+        for n in [int(x) for x in args.workers.split(",")]:
+            barrier, out = ctx.Barrier(n), ctx.Queue()
+            procs = [ctx.Process(target=worker, args=(sock, args.seconds, barrier, out)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            t0 = time.perf_counter()
+            results = [out.get(timeout=args.seconds + 300) for _ in procs]
+            wall = time.perf_counter() - t0
+            for p in procs:
+                p.join()
+            merged = {k: [v for lat, _ in results for v in lat[k]] for k in results[0][0]}
+            total_rpcs = sum(r for _, r in results)
+            rows.append((n, merged, total_rpcs / wall))
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"backend {args.backend}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+        f"page {PAGE >> 20} MiB, geometry {LAYERS} layers x {HEADS} KV heads x {DIM} fp16 (64 tensors), "
+        f"{args.seconds:.0f} s per row",
+        "",
+        "| workers | grow 64 pages p50 / p99 (ms) | step 512 pages p50 / p99 (ms) | empty Step RPC p50 / p99 (ms) "
+        "| free p50 (ms) | RPCs/s (all workers) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, m, rate in rows:
+        f = lambda k: f"{statistics.median(m[k]) * 1e3:.2f} / {pct(m[k], 0.99) * 1e3:.2f}"  # noqa: E731
+        lines.append(f"| {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
+                     f"| {rate:.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
