@@ -78,11 +78,11 @@ def wait_serving(socket_path: str, proc: subprocess.Popen, log_path: str, timeou
 
 
 def start_daemon(folder: str, *extra: str, pool_size: str = "32MiB", page_size: str = "64KiB",
-                 wait: bool = True) -> RunningDaemon:
+                 backend: str = "host", wait: bool = True) -> RunningDaemon:
     socket_path = os.path.join(folder, "vattnd.sock")
     log_path = os.path.join(folder, "vattnd.log")
     args = [
-        sys.executable, "-m", "vattnd_cli", "start", "--socket", socket_path, "--backend", "host",
+        sys.executable, "-m", "vattnd_cli", "start", "--socket", socket_path, "--backend", backend,
         "--pool-size", pool_size, "--page-size", page_size, "--metrics-port", "0", "--log-level", "debug", *extra,
     ]
     with open(log_path, "wb") as log:
@@ -109,6 +109,7 @@ def daemon(short_tmp):
     """A host-backend daemon: 32 MiB pool of 64 KiB pages (512 pages)."""
     d = start_daemon(short_tmp)
     yield d
+    assert d.wait_used_pages(0) == 0, "pages leaked: the test ended with pages still granted"
     code = d.stop()
     assert code == 0, f"vattnd exited with {code} on SIGTERM:\n{d.log()}"
     assert "Traceback" not in d.log(), d.log()

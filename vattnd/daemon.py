@@ -35,6 +35,9 @@ from grpc_health.v1 import health_pb2
 log = logging.getLogger("vattnd")
 
 DEFAULT_HOST_POOL = 1 << 30  # 1 GiB: memfd pages cost nothing until written
+# Half of each GPU: workers still need memory of their own for weights and
+# activations. Operators size the pool with --pool-size.
+DEFAULT_GPU_SHARE = 0.5
 BRING_UP_CHUNK = 256
 
 
@@ -46,7 +49,7 @@ class StartupError(RuntimeError):
 class Config:
     socket: str
     backend: str = "auto"
-    # Bytes per device; None: 1 GiB on host, 90% of each GPU's memory on CUDA.
+    # Bytes per device; None: 1 GiB on host, half of each GPU's memory on CUDA.
     pool_size: int | None = None
     page_size: int = 2 << 20
     # None: no metrics endpoint; 0: an ephemeral port (tests).
@@ -115,6 +118,7 @@ class Daemon:
         self._bring_up_thread: threading.Thread | None = None
         self._bring_up_error: BaseException | None = None
         self._pages_wanted: dict[int, int] = {}
+        self._owns_socket = False  # only a socket this daemon bound is removed at stop
 
     # ----- start -----------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +132,7 @@ class Daemon:
         for dev in devices:
             size = cfg.pool_size
             if size is None:
-                size = DEFAULT_HOST_POOL if self.backend.kind == "host" else int(dev.memory_bytes * 0.9)
+                size = DEFAULT_HOST_POOL if self.backend.kind == "host" else int(dev.memory_bytes * DEFAULT_GPU_SHARE)
             pages = size // cfg.page_size
             if pages < 1:
                 raise StartupError(
@@ -145,6 +149,7 @@ class Daemon:
         names = {dev.index: dev.name for dev in devices}
 
         _claim_socket_path(cfg.socket)
+        self._owns_socket = True
         chan = channel_path(cfg.socket)
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
@@ -180,20 +185,15 @@ class Daemon:
             self.health.set(name, status)
 
     def _bring_up(self, t0: float) -> None:
-        try:
-            for device, wanted in self._pages_wanted.items():
-                done = 0
-                while done < wanted and not self._stopped.is_set():
-                    count = min(BRING_UP_CHUNK, wanted - done)
-                    self.service.add_pages(device, self.backend.create_pages(device, count))
-                    done += count
-                    if self.config.on_progress is not None:
-                        self.config.on_progress(device, done, wanted)
-        except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
-            log.error("pool bring-up failed: %s", exc)
-            self._bring_up_error = exc
-            self._stopped.set()
-            return
+        """Creates every device's pages, one thread per device, in chunks usable at once."""
+        threads = [
+            threading.Thread(target=self._bring_up_device, args=(device, wanted), name=f"vattnd-bring-up-{device}")
+            for device, wanted in self._pages_wanted.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         if self._stopped.is_set():
             return
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -201,6 +201,20 @@ class Daemon:
         log.info(
             "pool ready: %d pages in %.2f s", sum(self._pages_wanted.values()), time.monotonic() - t0
         )
+
+    def _bring_up_device(self, device: int, wanted: int) -> None:
+        done = 0
+        try:
+            while done < wanted and not self._stopped.is_set():
+                count = min(BRING_UP_CHUNK, wanted - done)
+                self.service.add_pages(device, self.backend.create_pages(device, count))
+                done += count
+                if self.config.on_progress is not None:
+                    self.config.on_progress(device, done, wanted)
+        except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
+            log.error("pool bring-up failed on device %d after %d of %d pages: %s", device, done, wanted, exc)
+            self._bring_up_error = exc
+            self._stopped.set()
 
     # ----- run and stop ----------------------------------------------------
     def request_stop(self) -> None:
@@ -234,8 +248,9 @@ class Daemon:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-        try:
-            os.unlink(self.config.socket)
-        except FileNotFoundError:
-            pass
+        if self._owns_socket:
+            try:
+                os.unlink(self.config.socket)
+            except FileNotFoundError:
+                pass
         log.info("vattnd stopped")

@@ -58,7 +58,7 @@ def cli() -> None:
 @click.option("--backend", envvar="VATTND_BACKEND", type=click.Choice(["auto", "host", "cuda"]), default="auto",
               show_default=True, help="auto: cuda when a GPU is usable, else host memory.")
 @click.option("--pool-size", envvar="VATTND_POOL_SIZE", type=SIZE, default=None,
-              help="Pool per device, e.g. 4GiB. [default: 1GiB on host, 90% of each GPU's memory]")
+              help="Pool per device, e.g. 4GiB. [default: 1GiB on host, half of each GPU's memory]")
 @click.option("--page-size", envvar="VATTND_PAGE_SIZE", type=SIZE, default="2MiB", show_default=True,
               help="Physical page size (a multiple of 2MiB on CUDA, of 4KiB on host).")
 @click.option("--devices", envvar="VATTND_DEVICES", callback=_devices, default="all", show_default=True,

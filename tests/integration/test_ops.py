@@ -169,3 +169,22 @@ def test_environment_variables_configure_start(short_tmp):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
+
+
+def _no_gpu() -> bool:
+    from vattn.cudadrv import gpu_count
+
+    return gpu_count() == 0
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="checks the fallback where no GPU is usable")
+def test_without_a_gpu_auto_falls_back_to_host_and_cuda_says_why(short_tmp):
+    d = start_daemon(short_tmp, backend="auto")
+    try:
+        with vattn.connect(d.socket) as pool:
+            assert pool.backend == "host"
+        assert "no usable GPU" in d.log() and "serving host memory instead" in d.log()
+    finally:
+        assert d.stop() == 0
+    out = run_cli("start", "--socket", os.path.join(short_tmp, "c.sock"), "--backend", "cuda", "--metrics-port", "-1")
+    assert out.returncode == 1 and "cannot start" in out.stderr and "CUDA" in out.stderr

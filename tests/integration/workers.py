@@ -13,7 +13,11 @@ def pattern(torch, seed: int, slot: int, layer: int, kind: int, tokens: int, hea
     return ((pos * 0.25 + base) % 2048).expand(tokens, heads, dim).to(torch.float16)
 
 
-def churn(socket_path: str, seed: int, rounds: int, result) -> None:
+def on(tensor, where):
+    return tensor.to(where) if tensor.device != where else tensor
+
+
+def churn(socket_path: str, seed: int, rounds: int, result, device: int = 0) -> None:
     """Grows, writes, steps and frees random slots; checks every live slot's data each round."""
     import torch
 
@@ -23,7 +27,8 @@ def churn(socket_path: str, seed: int, rounds: int, result) -> None:
     layers, heads, dim = 2, 2, 32
     pool = vattn.connect(socket_path, name=f"churn-{seed}")
     cache = pool.kv_cache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=6, max_context=2048,
-                          dtype=torch.float16)
+                          dtype=torch.float16, device=device)
+    where = cache.k[0].device
     live: dict[int, tuple[int, int]] = {}  # slot -> (tokens written, content seed)
     checks = 0
     try:
@@ -35,8 +40,8 @@ def churn(socket_path: str, seed: int, rounds: int, result) -> None:
                 cache.grow(slot, tokens)
                 content = rng.randint(0, 10**6)
                 for layer in range(layers):
-                    cache.k[layer][slot, :tokens] = pattern(torch, content, slot, layer, 0, tokens, heads, dim)
-                    cache.v[layer][slot, :tokens] = pattern(torch, content, slot, layer, 1, tokens, heads, dim)
+                    cache.k[layer][slot, :tokens] = on(pattern(torch, content, slot, layer, 0, tokens, heads, dim), where)
+                    cache.v[layer][slot, :tokens] = on(pattern(torch, content, slot, layer, 1, tokens, heads, dim), where)
                 live[slot] = (tokens, content)
             elif op < 0.8:
                 # One batched step: every live slot gains a few tokens (written after the step).
@@ -44,7 +49,7 @@ def churn(socket_path: str, seed: int, rounds: int, result) -> None:
                 cache.step(targets)
                 for slot, new in targets.items():
                     t, content = live[slot]
-                    full = [pattern(torch, content, slot, layer, kind, new, heads, dim)
+                    full = [on(pattern(torch, content, slot, layer, kind, new, heads, dim), where)
                             for layer in range(layers) for kind in (0, 1)]
                     for layer in range(layers):
                         cache.k[layer][slot, t:new] = full[2 * layer][t:]
@@ -57,7 +62,7 @@ def churn(socket_path: str, seed: int, rounds: int, result) -> None:
             for slot, (tokens, content) in live.items():
                 for layer in range(layers):
                     for kind, tensor in ((0, cache.k[layer]), (1, cache.v[layer])):
-                        want = pattern(torch, content, slot, layer, kind, tokens, heads, dim)
+                        want = on(pattern(torch, content, slot, layer, kind, tokens, heads, dim), where)
                         if not torch.equal(tensor[slot, :tokens], want):
                             raise AssertionError(f"seed {seed} round {r}: slot {slot} layer {layer} kind {kind} corrupted")
                 checks += 1
@@ -68,7 +73,7 @@ def churn(socket_path: str, seed: int, rounds: int, result) -> None:
         pool.close()
 
 
-def hold(socket_path: str, tokens: int, result) -> None:
+def hold(socket_path: str, tokens: int, result, device: int = 0) -> None:
     """Takes pages, reports how many, then waits to be killed."""
     import torch
 
@@ -76,7 +81,7 @@ def hold(socket_path: str, tokens: int, result) -> None:
 
     pool = vattn.connect(socket_path, name="holder")
     cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096,
-                          dtype=torch.float16)
+                          dtype=torch.float16, device=device)
     for _ in range(3):
         slot = cache.alloc()
         cache.grow(slot, tokens)

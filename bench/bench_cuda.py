@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""CUDA backend: start-up, worker attach, and grow latency against the driver floor.
+
+Run on a GPU node (numbers go to docs/benchmarks.md):
+
+    python bench/bench_cuda.py --pool-size 64GiB
+
+1. Start-up: launches `vattnd start --backend cuda` with the given pool and
+   polls it every millisecond: time to the first RPC answered
+   (GetServerInfo) and to health SERVING (whole pool created and exported).
+2. Attach: `vattn.connect()` + `kv_cache()` in this process (torch and the
+   CUDA context already initialised), median of 10.
+3. Grow end to end (RPC + fds + import + map + set access) of 2, 64 and 512
+   pages, against the driver floor measured in the same process right after:
+   cuMemMap + cuMemSetAccess of the same number of local pages (no RPC, no
+   import). Also the import alone, to show where the difference goes.
+   The per-layer layout maps one page per K and V tensor, so the smallest
+   grow is 2 pages (1 layer); 64 = 32 layers x 1 page; 512 = 32 layers x 8.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PAGE = 2 << 20
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def p90(xs):
+    xs = sorted(xs)
+    return xs[int(0.9 * (len(xs) - 1))]
+
+
+def start_daemon(pool_size: str, folder: str):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from vattn.v1 import vattn_pb2 as pb
+    from vattn.v1 import vattn_pb2_grpc as pb_grpc
+
+    sock = os.path.join(folder, "vattnd.sock")
+    log = open(os.path.join(folder, "vattnd.log"), "wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda", "--devices", "0",
+         "--pool-size", pool_size, "--page-size", str(PAGE), "--metrics-port", "-1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    first_rpc = ready = None
+    channel = grpc.insecure_channel(f"unix:{sock}")
+    stub, health = pb_grpc.PoolStub(channel), health_pb2_grpc.HealthStub(channel)
+    while ready is None:
+        if proc.poll() is not None:
+            raise SystemExit(open(log.name).read())
+        try:
+            if first_rpc is None:
+                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
+                first_rpc = time.perf_counter() - t0
+            status = health.Check(health_pb2.HealthCheckRequest(service="vattn.v1.Pool"), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                ready = time.perf_counter() - t0
+        except grpc.RpcError:
+            pass
+        time.sleep(0.001)
+        if time.perf_counter() - t0 > 300:
+            raise SystemExit("daemon not ready after 300 s")
+    channel.close()
+    info = grpc.insecure_channel(f"unix:{sock}")
+    pages = pb_grpc.PoolStub(info).GetServerInfo(pb.GetServerInfoRequest()).devices[0].pages_total
+    info.close()
+    return proc, sock, log.name, first_rpc, ready, pages
+
+
+class Floor:
+    """Bare driver calls on local pages in this process: the floor to compare with."""
+
+    def __init__(self, count: int):
+        from vattn.cudadrv import check, load_driver
+
+        cu = self.cu = load_driver()
+        self.check = check
+        dev = check(cu, cu.cuDeviceGet(0), "cuDeviceGet")
+        self.ctx = check(cu, cu.cuDevicePrimaryCtxRetain(dev), "ctx")
+        check(cu, cu.cuCtxSetCurrent(self.ctx), "ctx")
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = 0
+        self.fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        prop.requestedHandleTypes = self.fd_type
+        self.count = count
+        self.handles = [check(cu, cu.cuMemCreate(PAGE, prop, 0), "create") for _ in range(count)]
+        self.fds = [check(cu, cu.cuMemExportToShareableHandle(h, self.fd_type, 0), "export") for h in self.handles]
+        self.base = int(check(cu, cu.cuMemAddressReserve(count * PAGE, PAGE, 0, 0), "reserve"))
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = 0
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.access = [access]
+
+    def map_and_access(self) -> float:
+        cu = self.cu
+        t0 = time.perf_counter()
+        for i, h in enumerate(self.handles):
+            cu.cuMemMap(self.base + i * PAGE, PAGE, 0, h, 0)
+        cu.cuMemSetAccess(self.base, self.count * PAGE, self.access, 1)
+        dt = time.perf_counter() - t0
+        cu.cuCtxSynchronize()
+        for i in range(self.count):
+            cu.cuMemUnmap(self.base + i * PAGE, PAGE)
+        return dt
+
+    def import_only(self) -> float:
+        cu = self.cu
+        fds = [os.dup(fd) for fd in self.fds]
+        t0 = time.perf_counter()
+        imported = [cu.cuMemImportFromShareableHandle(fd, self.fd_type)[1] for fd in fds]
+        dt = time.perf_counter() - t0
+        for fd in fds:
+            os.close(fd)
+        for h in imported:
+            cu.cuMemRelease(h)
+        return dt
+
+    def close(self):
+        cu = self.cu
+        for fd in self.fds:
+            os.close(fd)
+        for h in self.handles:
+            cu.cuMemRelease(h)
+        cu.cuMemAddressFree(self.base, self.count * PAGE)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool-size", default="64GiB")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    import torch
+
+    import vattn
+
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    gpu = torch.cuda.get_device_name(0)
+    folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
+    proc, sock, log, first_rpc, ready, pages = start_daemon(args.pool_size, folder)
+    lines = [f"card: {gpu}; torch {torch.__version__}; Python {sys.version.split()[0]}; page 2 MiB", ""]
+    lines += [
+        "| start-up | value |", "|---|---:|",
+        f"| pool | {pages} pages = {pages * PAGE / 2**30:.1f} GiB |",
+        f"| first RPC answered after start | {first_rpc * 1e3:.0f} ms |",
+        f"| whole pool created and exported (SERVING) | {ready:.2f} s |",
+        "",
+    ]
+    try:
+        attach = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            p = vattn.connect(sock)
+            c = p.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=64, max_context=32768,
+                           dtype=torch.float16)
+            attach.append(time.perf_counter() - t0)
+            p.close()
+        lines += [f"attach (connect + register a 32-layer region + reserve 64 ranges): median "
+                  f"{med(attach) * 1e3:.2f} ms, p90 {p90(attach) * 1e3:.2f} ms", ""]
+
+        pool = vattn.connect(sock)
+        rows = []
+        for layers, per_tensor in ((1, 1), (32, 1), (32, 8)):
+            n = 2 * layers * per_tensor
+            cache = pool.kv_cache(num_layers=layers, num_kv_heads=8, head_dim=128, max_batch=2,
+                                  max_context=8 * 1024, dtype=torch.float16)
+            e2e = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                cache.grow(0, per_tensor * 1024)
+                e2e.append(time.perf_counter() - t0)
+                assert cache.pages(0) == per_tensor
+                cache.free(0)
+            cache.close()
+            floor = Floor(n)
+            fl = [floor.map_and_access() for _ in range(args.reps)]
+            imp = [floor.import_only() for _ in range(args.reps)]
+            floor.close()
+            rows.append((n, e2e, fl, imp))
+        pool.close()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    lines += [
+        "| pages per grow | end to end median / p90 (ms) | driver floor: map + set access median (ms) "
+        "| import alone median (ms) | end to end / floor |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, e2e, fl, imp in rows:
+        lines.append(f"| {n} | {med(e2e) * 1e3:.3f} / {p90(e2e) * 1e3:.3f} | {med(fl) * 1e3:.3f} "
+                     f"| {med(imp) * 1e3:.3f} | {med(e2e) / med(fl):.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    print("\ndaemon log:\n" + open(log).read()[-2000:])
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

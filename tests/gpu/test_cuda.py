@@ -1,0 +1,162 @@
+"""The CUDA backend on a real GPU: run on the device machine (`pytest -m gpu`)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vattn
+from tests.conftest import start_daemon
+from tests.integration import workers
+from vattn.cudadrv import gpu_count
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(gpu_count() == 0 or not torch.cuda.is_available(), reason="needs a usable NVIDIA GPU"),
+]
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def gpu_daemon(short_tmp):
+    d = start_daemon(short_tmp, "--devices", "0", backend="cuda", pool_size="2GiB", page_size="2MiB")
+    yield d
+    assert d.wait_used_pages(0) == 0, "pages leaked"
+    assert d.stop() == 0, d.log()
+    assert "Traceback" not in d.log(), d.log()
+
+
+@pytest.fixture
+def gpu_pool(gpu_daemon):
+    p = vattn.connect(gpu_daemon.socket, name="pytest-gpu")
+    yield p
+    p.close()
+
+
+def test_tensors_are_cuda_tensors_over_mapped_pages(gpu_pool, gpu_daemon):
+    assert gpu_pool.backend == "cuda"
+    info = gpu_daemon.stats().pools[0]
+    assert info.pages_total == 1024 and info.page_size == 2 << 20
+    cache = gpu_pool.kv_cache(num_layers=4, num_kv_heads=8, head_dim=128, max_batch=4, max_context=4096,
+                              dtype=torch.float16)  # 2 KiB/token: 1024 tokens per page, 4 pages per slot
+    for t in cache.k + cache.v:
+        assert t.device == torch.device("cuda:0") and t.is_contiguous() and t.shape == (4, 4096, 8, 128)
+    slot = cache.alloc()
+    cache.grow(slot, 1500)
+    assert cache.pages(slot) == 2 and gpu_daemon.used_pages() == 16
+    for layer in range(4):
+        cache.k[layer][slot, :1500] = layer + 1
+        cache.v[layer][slot, :1500] = -(layer + 1)
+    torch.cuda.synchronize()
+    for layer in range(4):
+        assert torch.all(cache.k[layer][slot, :1500] == layer + 1)
+        assert torch.all(cache.v[layer][slot, :1500] == -(layer + 1))
+    cache.step({slot: 4096, 1: 10})
+    assert torch.all(cache.k[3][slot, :1500] == 4)  # grown, old data in place
+    cache.k[3][slot, 4095] = 9
+    assert cache.k[3][slot, 4095].float().sum().item() == 9 * 8 * 128
+    cache.free(slot)
+    cache.free(1)
+    assert gpu_daemon.used_pages() == 0
+
+
+def test_cross_process_integrity_on_gpu(gpu_daemon):
+    result = SPAWN.Queue()
+    procs = [SPAWN.Process(target=workers.churn, args=(gpu_daemon.socket, seed, 40, result, 0)) for seed in (11, 12)]
+    for p in procs:
+        p.start()
+    outcomes = [result.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert all(o[0] == "ok" for o in outcomes), outcomes
+    assert gpu_daemon.wait_used_pages(0) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_on_mapped_kv_equals_ordinary_tensors(gpu_pool, dtype):
+    torch.manual_seed(0)
+    heads_q, heads_kv, dim, ctx, batch = 32, 8, 128, 3000, 3
+    cache = gpu_pool.kv_cache(num_layers=2, num_kv_heads=heads_kv, head_dim=dim, max_batch=batch,
+                              max_context=4096, dtype=dtype)
+    cache.step({s: ctx for s in range(batch)})
+    for layer in range(2):
+        cache.k[layer][:, :ctx] = torch.randn(batch, ctx, heads_kv, dim, device="cuda", dtype=dtype)
+        cache.v[layer][:, :ctx] = torch.randn(batch, ctx, heads_kv, dim, device="cuda", dtype=dtype)
+    q = torch.randn(batch, heads_q, 16, dim, device="cuda", dtype=dtype)
+    for layer in range(2):
+        k = cache.k[layer][:, :ctx].transpose(1, 2)
+        v = cache.v[layer][:, :ctx].transpose(1, 2)
+        k_ref, v_ref = k.clone(), v.clone()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(q, k_ref, v_ref, enable_gqa=True)
+        assert torch.equal(out, ref)
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except ImportError:
+            continue
+        out = flex_attention(q, k, v, enable_gqa=True)
+        ref = flex_attention(q, k_ref, v_ref, enable_gqa=True)
+        assert torch.equal(out, ref)
+    cache.close()
+
+
+def test_killed_worker_pages_return(gpu_daemon):
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers.hold, args=(gpu_daemon.socket, 1000, result, 0))
+    proc.start()
+    pid, pages = result.get(timeout=120)
+    assert pages > 0 and gpu_daemon.used_pages() == pages
+    os.kill(pid, signal.SIGKILL)
+    proc.join(30)
+    assert gpu_daemon.wait_used_pages(0) == 0
+    assert gpu_daemon.stats().sessions == []
+
+
+def test_pool_exhaustion_is_a_clean_error(gpu_pool, gpu_daemon):
+    cache = gpu_pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=8, max_context=32768,
+                              dtype=torch.float16)
+    a = cache.alloc()
+    cache.grow(a, 8192)  # 8 pages x 64 tensors = 512 of 1024
+    before = gpu_daemon.used_pages()
+    b = cache.alloc()
+    with pytest.raises(vattn.ResourceExhausted, match="needs 1024 pages"):
+        cache.grow(b, 16384)
+    assert gpu_daemon.used_pages() == before and cache.pages(b) == 0
+    cache.k[0][a, :8192] = 1
+    torch.cuda.synchronize()
+    cache.free(a)
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")
+def test_two_gpus_one_worker_each(short_tmp):
+    d = start_daemon(short_tmp, "--devices", "0,1", backend="cuda", pool_size="1GiB", page_size="2MiB")
+    try:
+        pools = d.stats().pools
+        assert [(p.device, p.pages_total) for p in pools] == [(0, 512), (1, 512)]
+        result = SPAWN.Queue()
+        procs = [SPAWN.Process(target=workers.churn, args=(d.socket, 20 + dev, 30, result, dev)) for dev in (0, 1)]
+        for p in procs:
+            p.start()
+        outcomes = [result.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert all(o[0] == "ok" for o in outcomes), outcomes
+        assert [p.pages_used for p in d.stats().pools] == [0, 0]
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_auto_backend_picks_cuda(short_tmp):
+    d = start_daemon(short_tmp, "--devices", "0", backend="auto", pool_size="64MiB", page_size="2MiB")
+    try:
+        with vattn.connect(d.socket) as pool:
+            assert pool.backend == "cuda" and pool.info.devices[0].name
+    finally:
+        assert d.stop() == 0

@@ -1,0 +1,124 @@
+"""CUDA backend: pages are VMM allocations exported once as POSIX fds.
+
+Every page is one ``cuMemCreate`` of ``page_size`` bytes with the POSIX-fd
+handle type, exported at creation with ``cuMemExportToShareableHandle``; the
+daemon keeps both the handle and the fd until it stops (export is the most
+expensive step, so it is never repeated per grant). Workers import the fd,
+map it into their reserved range and set read-write access
+(:mod:`vattn.cuda_mapping`).
+
+The driver needs a current context in every thread that calls it, so each
+entry point makes the device's primary context current first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Sequence
+
+from vattn.cudadrv import CudaUnavailable, check, load_driver
+from vattnd.backends.base import BackendUnavailable, DeviceInfo
+
+log = logging.getLogger(__name__)
+
+
+class CudaBackend:
+    kind = "cuda"
+
+    def __init__(self, page_size: int, devices: Sequence[int] | None = None):
+        try:
+            cu = self.cu = load_driver()
+        except CudaUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+        count = check(cu, cu.cuDeviceGetCount(), "cuDeviceGetCount")
+        if count == 0:
+            raise BackendUnavailable("the CUDA driver sees no GPU")
+        wanted = list(range(count)) if devices is None else list(devices)
+        bad = [d for d in wanted if not 0 <= d < count]
+        if bad:
+            raise BackendUnavailable(f"--devices {bad} do not exist: this node has GPUs 0..{count - 1}")
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._devices: list[DeviceInfo] = []
+        self._ctx: dict[int, object] = {}
+        self._prop: dict[int, object] = {}
+        self._handles: list[object] = []
+        self._fds: list[int] = []
+        fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        self._fd_type = fd_type
+        for index in wanted:
+            dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
+            name = check(cu, cu.cuDeviceGetName(256, dev), "cuDeviceGetName").split(b"\0")[0].decode()
+            total = check(cu, cu.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
+            self._ctx[index] = check(cu, cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            prop = cu.CUmemAllocationProp()
+            prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            prop.location.id = index
+            prop.requestedHandleTypes = fd_type
+            granularity = check(
+                cu,
+                cu.cuMemGetAllocationGranularity(
+                    prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+                ),
+                "cuMemGetAllocationGranularity",
+            )
+            if page_size <= 0 or page_size % granularity:
+                raise BackendUnavailable(
+                    f"page size {page_size} is not a multiple of GPU {index}'s allocation granularity "
+                    f"{granularity} bytes: use --page-size {granularity >> 20}MiB or a multiple of it"
+                )
+            self._prop[index] = prop
+            self._devices.append(DeviceInfo(index, name, total))
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return tuple(self._devices)
+
+    def _make_current(self, device: int) -> None:
+        check(self.cu, self.cu.cuCtxSetCurrent(self._ctx[device]), "cuCtxSetCurrent")
+
+    def create_pages(self, device: int, count: int) -> list[int]:
+        """Creates and exports ``count`` pages on ``device``; returns their fds."""
+        cu = self.cu
+        self._make_current(device)
+        prop, size, fd_type = self._prop[device], self.page_size, self._fd_type
+        handles, fds = [], []
+        try:
+            for _ in range(count):
+                err, handle = cu.cuMemCreate(size, prop, 0)
+                if err != cu.CUresult.CUDA_SUCCESS:
+                    if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
+                        raise BackendUnavailable(
+                            f"GPU {device} ran out of memory after {len(self._fds) + len(fds)} pages: "
+                            "lower --pool-size (other processes may hold memory too)"
+                        )
+                    check(cu, (err,), "cuMemCreate")
+                handles.append(handle)
+                fds.append(check(cu, cu.cuMemExportToShareableHandle(handle, fd_type, 0), "cuMemExportToShareableHandle"))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            for handle in handles:
+                cu.cuMemRelease(handle)
+            raise
+        with self._lock:
+            self._handles.extend(handles)
+            self._fds.extend(fds)
+        return fds
+
+    def close(self) -> None:
+        cu = self.cu
+        with self._lock:
+            handles, self._handles = self._handles, []
+            fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        if self._ctx:
+            self._make_current(next(iter(self._ctx)))
+        for handle in handles:
+            cu.cuMemRelease(handle)
+        for index in list(self._ctx):
+            dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
+            cu.cuDevicePrimaryCtxRelease(dev)
+        self._ctx.clear()
