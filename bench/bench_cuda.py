@@ -42,7 +42,7 @@ def p90(xs):
     return xs[int(0.9 * (len(xs) - 1))]
 
 
-def start_daemon(pool_size: str, folder: str):
+def start_daemon(pool_size: str, page_size: int, folder: str):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -54,7 +54,7 @@ def start_daemon(pool_size: str, folder: str):
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda", "--devices", "0",
-         "--pool-size", pool_size, "--page-size", str(PAGE), "--metrics-port", "-1"],
+         "--pool-size", pool_size, "--page-size", str(page_size), "--metrics-port", "-1"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     first_rpc = ready = None
@@ -144,7 +144,9 @@ class Floor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool-size", default="64GiB")
+    ap.add_argument("--pool-size", default="64GiB", help="pool for the start-up measurement")
+    ap.add_argument("--startup-page-size", default="2MiB",
+                    help="page size for the start-up measurement (the grow measurements use 2 MiB)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -156,16 +158,24 @@ def main() -> None:
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     gpu = torch.cuda.get_device_name(0)
+    from vattnd.units import format_size, parse_size
+
+    startup_page = parse_size(args.startup_page_size)
     folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
-    proc, sock, log, first_rpc, ready, pages = start_daemon(args.pool_size, folder)
-    lines = [f"card: {gpu}; torch {torch.__version__}; Python {sys.version.split()[0]}; page 2 MiB", ""]
+    proc, sock, log, first_rpc, ready, pages = start_daemon(args.pool_size, startup_page, folder)
+    proc.terminate()
+    proc.wait(60)
+    startup_log = open(log).read()
+    lines = [f"card: {gpu}; torch {torch.__version__}; Python {sys.version.split()[0]}", ""]
     lines += [
         "| start-up | value |", "|---|---:|",
-        f"| pool | {pages} pages = {pages * PAGE / 2**30:.1f} GiB |",
+        f"| pool | {pages} pages of {format_size(startup_page)} = {pages * startup_page / 2**30:.1f} GiB |",
         f"| first RPC answered after start | {first_rpc * 1e3:.0f} ms |",
         f"| whole pool created and exported (SERVING) | {ready:.2f} s |",
         "",
     ]
+    folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
+    proc, sock, log, *_ = start_daemon("8GiB", PAGE, folder)
     try:
         attach = []
         for _ in range(10):
@@ -211,7 +221,7 @@ def main() -> None:
                      f"| {med(imp) * 1e3:.3f} | {med(e2e) / med(fl):.2f}x |")
     text = "\n".join(lines)
     print(text)
-    print("\ndaemon log:\n" + open(log).read()[-2000:])
+    print("\nstart-up daemon log:\n" + startup_log[-2000:])
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text + "\n")

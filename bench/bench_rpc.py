@@ -8,12 +8,13 @@ KV region with a Llama-3-8B-like geometry (32 layers, 8 KV heads, head dim
 
   grow   one slot by one page per tensor   (1 RPC, 64 pages mapped)
   step   8 slots by one page per tensor    (1 RPC, 512 pages mapped)
-  rpc    a Step that grants nothing        (1 RPC, the round-trip floor)
+  rpc    a Step that grants nothing        (1 call, the round-trip floor)
   free   the slots again                   (unmap + 1 RPC per slot)
 
 Latencies are measured in the worker around the client call, so they include
-the RPC, receiving the fds and mapping them. Throughput is RPCs completed by
-all workers per second of wall time.
+the call, receiving the fds and mapping them. Throughput is calls completed
+by all workers per second of wall time. Both transports run in the same
+invocation: the fd channel's fast path and gRPC.
 
     python bench/bench_rpc.py                       # host backend, 1/4/8 workers
     python bench/bench_rpc.py --backend cuda --devices 0
@@ -38,12 +39,12 @@ PAGE = 2 << 20
 TOKENS_PER_PAGE = PAGE // (HEADS * DIM * 2)  # 1024
 
 
-def worker(socket_path: str, seconds: float, barrier, out) -> None:
+def worker(socket_path: str, seconds: float, barrier, out, transport: str) -> None:
     import torch
 
     import vattn
 
-    pool = vattn.connect(socket_path, name=f"bench-{os.getpid()}")
+    pool = vattn.connect(socket_path, name=f"bench-{os.getpid()}", transport=transport)
     cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, max_batch=16,
                           max_context=8 * TOKENS_PER_PAGE, dtype=torch.float16, device=0)
     lat = {"grow": [], "step": [], "rpc": [], "free": []}
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="host", choices=["host", "cuda"])
     ap.add_argument("--workers", default="1,4,8")
+    ap.add_argument("--transports", default="channel,grpc", help="fast path on the fd channel, gRPC, or both")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--pool-size", default="12GiB")
     ap.add_argument("--devices", default="0")
@@ -103,9 +105,9 @@ def main() -> None:
         wait_serving(sock, daemon, log.name, timeout=120)
         ctx = multiprocessing.get_context("spawn")
         rows = []
-        for n in [int(x) for x in args.workers.split(",")]:
+        for transport, n in [(t, int(x)) for t in args.transports.split(",") for x in args.workers.split(",")]:
             barrier, out = ctx.Barrier(n), ctx.Queue()
-            procs = [ctx.Process(target=worker, args=(sock, args.seconds, barrier, out)) for _ in range(n)]
+            procs = [ctx.Process(target=worker, args=(sock, args.seconds, barrier, out, transport)) for _ in range(n)]
             for p in procs:
                 p.start()
             t0 = time.perf_counter()
@@ -115,7 +117,7 @@ def main() -> None:
                 p.join()
             merged = {k: [v for lat, _ in results for v in lat[k]] for k in results[0][0]}
             total_rpcs = sum(r for _, r in results)
-            rows.append((n, merged, total_rpcs / wall))
+            rows.append((transport, n, merged, total_rpcs / wall))
     finally:
         daemon.terminate()
         daemon.wait(30)
@@ -126,13 +128,13 @@ def main() -> None:
         f"page {PAGE >> 20} MiB, geometry {LAYERS} layers x {HEADS} KV heads x {DIM} fp16 (64 tensors), "
         f"{args.seconds:.0f} s per row",
         "",
-        "| workers | grow 64 pages p50 / p99 (ms) | step 512 pages p50 / p99 (ms) | empty Step RPC p50 / p99 (ms) "
-        "| free p50 (ms) | RPCs/s (all workers) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| transport | workers | grow 64 pages p50 / p99 (ms) | step 512 pages p50 / p99 (ms) "
+        "| empty Step call p50 / p99 (ms) | free p50 (ms) | calls/s (all workers) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, m, rate in rows:
+    for transport, n, m, rate in rows:
         f = lambda k: f"{statistics.median(m[k]) * 1e3:.2f} / {pct(m[k], 0.99) * 1e3:.2f}"  # noqa: E731
-        lines.append(f"| {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
+        lines.append(f"| {transport} | {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
                      f"| {rate:.0f} |")
     text = "\n".join(lines)
     print(text)

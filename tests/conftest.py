@@ -115,8 +115,9 @@ def daemon(short_tmp):
     assert "Traceback" not in d.log(), d.log()
 
 
-@pytest.fixture
-def pool(daemon):
-    p = vattn.connect(daemon.socket, name="pytest")
+@pytest.fixture(params=["channel", "grpc"])
+def pool(daemon, request):
+    """A session whose per-iteration calls go over each transport in turn."""
+    p = vattn.connect(daemon.socket, name="pytest", transport=request.param)
     yield p
     p.close()

@@ -25,6 +25,7 @@ from vattnd.backends import BackendUnavailable, PageBackend, open_backend
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
 from vattnd.pool import PoolCore
+from vattnd.rpc.fastpath import FastPath
 from vattnd.rpc.servicer import PoolServicer, create_server
 from vattnd.service import PoolService
 from vattnd.units import format_size
@@ -153,14 +154,15 @@ class Daemon:
         chan = channel_path(cfg.socket)
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
-        self.channel = ChannelServer(chan, service.open_session, service.close_session, cfg.socket_mode)
+        rpc_metrics = RpcMetrics(self.registry)
+        self.channel = ChannelServer(chan, service.open_session, service.close_session,
+                                     FastPath(service, rpc_metrics), cfg.socket_mode)
 
         if cfg.metrics_port is not None:
             self.registry.register(PoolCollector(service.snapshot, names, lambda: service.sessions_opened))
             self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
             host, port = self.metrics_server.server_address[:2]
             self.metrics_url = f"http://{host}:{port}"
-        rpc_metrics = RpcMetrics(self.registry)
         servicer = PoolServicer(service, rpc_metrics, chan, self.metrics_url, names)
         self.server, self.health = create_server(f"unix:{cfg.socket}", servicer, cfg.rpc_threads)
         os.chmod(cfg.socket, cfg.socket_mode)

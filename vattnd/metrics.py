@@ -64,28 +64,33 @@ class PoolCollector(Collector):
 
 
 class RpcMetrics:
-    """Per-call instruments; children are created once so a call costs two lookups."""
+    """Per-call instruments; children are created once so a call costs two dict lookups.
+
+    ``transport`` is ``grpc`` for gRPC calls and ``channel`` for the fast path
+    on the fd channel.
+    """
 
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
-            "vattnd_rpc_requests", "RPCs handled, by method and gRPC status code.",
-            ["method", "code"], registry=registry,
+            "vattnd_rpc_requests", "Calls handled, by method, transport and gRPC status code.",
+            ["method", "transport", "code"], registry=registry,
         )
         self.latency = Histogram(
-            "vattnd_rpc_duration_seconds", "Time to handle Grow and Step RPCs, grant and fd send included.",
-            ["method"], buckets=LATENCY_BUCKETS, registry=registry,
+            "vattnd_rpc_duration_seconds",
+            "Time to handle Grow and Step calls in the daemon, grant and fd send included.",
+            ["method", "transport"], buckets=LATENCY_BUCKETS, registry=registry,
         )
-        self._counters: dict[tuple[str, str], Counter] = {}
-        self._histograms: dict[str, Histogram] = {}
+        self._counters: dict[tuple[str, str, str], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
 
-    def count(self, method: str, code: str) -> None:
-        child = self._counters.get((method, code))
+    def record(self, method: str, transport: str, code: str, seconds: float | None) -> None:
+        key = (method, transport, code)
+        child = self._counters.get(key)
         if child is None:
-            child = self._counters[(method, code)] = self.requests.labels(method, code)
+            child = self._counters[key] = self.requests.labels(*key)
         child.inc()
-
-    def observe(self, method: str, seconds: float) -> None:
-        child = self._histograms.get(method)
-        if child is None:
-            child = self._histograms[method] = self.latency.labels(method)
-        child.observe(seconds)
+        if seconds is not None:
+            hist = self._histograms.get(key[:2])
+            if hist is None:
+                hist = self._histograms[key[:2]] = self.latency.labels(method, transport)
+            hist.observe(seconds)

@@ -86,6 +86,13 @@ class PoolService:
             )
         return handle
 
+    def handle_of(self, conn: Connection) -> SessionHandle:
+        """The session of a channel connection (the fast path's identity)."""
+        handle = self._by_conn.get(id(conn))
+        if handle is None:
+            raise Unauthenticated("this channel's session has ended; reconnect")
+        return handle
+
     # ----- regions ---------------------------------------------------------
     def register_region(self, token: str, geometry: Geometry, device: int) -> Region:
         handle = self._handle(token)
@@ -100,7 +107,9 @@ class PoolService:
     # ----- the hot path ----------------------------------------------------
     def grant(self, token: str, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
         """Grows slots and sends the new pages' fds; returns (grant_seq, grant)."""
-        handle = self._handle(token)
+        return self.grant_to(self._handle(token), region_id, entries)
+
+    def grant_to(self, handle: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
         conn = handle.conn
         with conn.send_lock:
             with self.lock:
@@ -120,7 +129,9 @@ class PoolService:
             return handle.grant_seq, grant
 
     def shrink(self, token: str, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
-        handle = self._handle(token)
+        return self.shrink_of(self._handle(token), region_id, slot, tokens)
+
+    def shrink_of(self, handle: SessionHandle, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
         with self.lock:
             keep, released = self.core.shrink(handle.session_id, region_id, slot, tokens)
         return keep, len(released)

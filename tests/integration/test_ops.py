@@ -38,7 +38,8 @@ def test_metrics_match_what_the_workers_did(daemon):
     assert value(before, "vattnd_pool_pages", device="0", name="cpu", state="free") == 512
     assert value(before, "vattnd_pool_page_size_bytes") == 65536
 
-    with vattn.connect(daemon.socket, name="metrics-a") as a, vattn.connect(daemon.socket, name="metrics-b") as b:
+    with vattn.connect(daemon.socket, name="metrics-a") as a, \
+            vattn.connect(daemon.socket, name="metrics-b", transport="grpc") as b:
         ca = a.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
         cb = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
         ca.grow(ca.alloc(), 1000)  # 4 pages x 4 tensors
@@ -57,15 +58,19 @@ def test_metrics_match_what_the_workers_did(daemon):
         assert value(s, "vattnd_session_pages", session=str(b.session.session_id), pid=str(os.getpid()),
                      name="metrics-b") == 2
         assert value(s, "vattnd_sessions") == 2
-        assert value(s, "vattnd_rpc_requests_total", method="Grow", code="OK") == 2
-        assert value(s, "vattnd_rpc_requests_total", method="Grow", code="OUT_OF_RANGE") == 1
-        assert value(s, "vattnd_rpc_requests_total", method="Grow", code="PERMISSION_DENIED") == 1
-        assert value(s, "vattnd_rpc_requests_total", method="Step", code="OK") == 1
-        assert value(s, "vattnd_rpc_requests_total", method="RegisterRegion", code="OK") == 2
-        assert value(s, "vattnd_rpc_duration_seconds_count", method="Grow") == 4
-        assert value(s, "vattnd_rpc_duration_seconds_count", method="Step") == 1
-        assert value(s, "vattnd_rpc_duration_seconds_bucket", method="Step", le="+Inf") == 1
-        assert 0 < value(s, "vattnd_rpc_duration_seconds_sum", method="Step") < 1
+        def calls(method, code, transport):
+            return value(s, "vattnd_rpc_requests_total", method=method, code=code, transport=transport)
+
+        assert calls("Grow", "OK", "channel") == 1 and calls("Grow", "OK", "grpc") == 1
+        assert calls("Step", "OK", "channel") == 1
+        assert calls("Grow", "OUT_OF_RANGE", "grpc") == 1
+        assert calls("Grow", "PERMISSION_DENIED", "grpc") == 1
+        assert calls("RegisterRegion", "OK", "grpc") == 2
+        assert value(s, "vattnd_rpc_duration_seconds_count", method="Grow", transport="grpc") == 3
+        assert value(s, "vattnd_rpc_duration_seconds_count", method="Grow", transport="channel") == 1
+        assert value(s, "vattnd_rpc_duration_seconds_count", method="Step", transport="channel") == 1
+        assert value(s, "vattnd_rpc_duration_seconds_bucket", method="Step", transport="channel", le="+Inf") == 1
+        assert 0 < value(s, "vattnd_rpc_duration_seconds_sum", method="Step", transport="channel") < 1
     daemon.wait_used_pages(0)
     after = scrape(daemon.metrics_url)
     assert value(after, "vattnd_pool_pages", device="0", name="cpu", state="used") == 0

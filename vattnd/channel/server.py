@@ -25,6 +25,8 @@ PROTOCOL = 1
 # The kernel's SCM_MAX_FD: at most this many fds per datagram.
 MAX_FDS_PER_MESSAGE = 253
 MAX_DATAGRAM = 4096
+# A Step of many slots can be large; anything bigger is refused.
+MAX_CALL_DATAGRAM = 1 << 20
 SEND_TIMEOUT_S = 5.0
 
 _UCRED = struct.Struct("3i")
@@ -78,15 +80,19 @@ class Connection:
 # open_session(conn, name) -> (session_id, token); raises ValueError to refuse.
 OpenSession = Callable[[Connection, str], tuple[int, str]]
 CloseSession = Callable[[Connection], None]
+# on_call(conn, call): answers a fast-path Call on the connection.
+OnCall = Callable[[Connection, "channel_pb2.Call"], None]
 
 
 class ChannelServer:
     """Accepts channel connections and reports sessions opening and closing."""
 
-    def __init__(self, path: str, open_session: OpenSession, close_session: CloseSession, mode: int = 0o660):
+    def __init__(self, path: str, open_session: OpenSession, close_session: CloseSession,
+                 on_call: OnCall | None = None, mode: int = 0o660):
         self.path = path
         self._open_session = open_session
         self._close_session = close_session
+        self._on_call = on_call
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._listener.bind(path)
         os.chmod(path, mode)
@@ -97,6 +103,7 @@ class ChannelServer:
         self._wake_r, self._wake_w = os.pipe()
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._stopping = False
+        self._buf = bytearray(MAX_CALL_DATAGRAM)  # one receive buffer: one thread reads
         self._thread = threading.Thread(target=self._run, name="vattnd-channel", daemon=True)
 
     def start(self) -> None:
@@ -180,14 +187,24 @@ class ChannelServer:
 
     def _readable(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(MAX_DATAGRAM)
+            size, _, flags, _ = conn.sock.recvmsg_into([self._buf])
+            data = bytes(memoryview(self._buf)[:size])
         except (BlockingIOError, InterruptedError, socket.timeout):
             return
         except OSError:
-            data = b""
+            data, flags = b"", 0
         if data:
-            # Workers send nothing after Hello; treat anything else as a broken peer.
-            log.warning("session %d sent unexpected data on its channel; closing it", conn.session_id)
+            try:
+                if flags & socket.MSG_TRUNC:
+                    raise ValueError(f"a datagram over {MAX_CALL_DATAGRAM} bytes")
+                msg = channel_pb2.ChannelMessage.FromString(data)
+                if msg.WhichOneof("kind") != "call" or self._on_call is None:
+                    raise ValueError(f"a {msg.WhichOneof('kind')} message where only Call is expected")
+            except Exception as exc:  # noqa: BLE001 - any garbage ends this session only
+                log.warning("session %d broke the channel protocol (%s); closing it", conn.session_id, exc)
+            else:
+                self._on_call(conn, msg.call)
+                return
         self._selector.unregister(conn.sock)
         self._close_session(conn)
         conn.close()

@@ -23,6 +23,7 @@ from vattn.v1 import vattn_pb2 as pb
 from vattn.v1 import vattn_pb2_grpc as pb_grpc
 from vattnd.metrics import RpcMetrics
 from vattnd.pool.core import Geometry, Region
+from vattnd.rpc.convert import grant_reply
 from vattnd.service import PoolService
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,9 @@ def _rpc(method: Callable) -> Callable:
             log.exception("%s failed", name)
             status, details = grpc.StatusCode.INTERNAL, f"{name} failed inside vattnd; see the daemon's log"
         else:
-            self.metrics.count(name, "OK")
-            if timed:
-                self.metrics.observe(name, time.perf_counter() - start)
+            self.metrics.record(name, "grpc", "OK", time.perf_counter() - start if timed else None)
             return reply
-        self.metrics.count(name, status.name)
-        if timed:
-            self.metrics.observe(name, time.perf_counter() - start)
+        self.metrics.record(name, "grpc", status.name, time.perf_counter() - start if timed else None)
         context.abort(status, details)
 
     return wrapper
@@ -131,25 +128,18 @@ class PoolServicer(pb_grpc.PoolServicer):
         released = self.service.release_region(request.session_token, request.region_id)
         return pb.ReleaseRegionReply(pages_released=released)
 
-    def _grant_reply(self, seq: int, grant) -> pb.GrantReply:
-        return pb.GrantReply(
-            grant_seq=seq,
-            grants=[pb.SlotGrant(slot=g.slot, first_page=g.first_page, count=g.count) for g in grant.grants],
-            page_ids=grant.page_ids,
-        )
-
     @_rpc
     def Grow(self, request, context):
         seq, grant = self.service.grant(
             request.session_token, request.region_id, ((request.slot, request.tokens),)
         )
-        return self._grant_reply(seq, grant)
+        return grant_reply(seq, grant)
 
     @_rpc
     def Step(self, request, context):
         entries = [(e.slot, e.tokens) for e in request.entries]
         seq, grant = self.service.grant(request.session_token, request.region_id, entries)
-        return self._grant_reply(seq, grant)
+        return grant_reply(seq, grant)
 
     @_rpc
     def Shrink(self, request, context):

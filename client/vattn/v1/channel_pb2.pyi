@@ -1,3 +1,4 @@
+from vattn.v1 import vattn_pb2 as _vattn_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -37,14 +38,52 @@ class PageBatch(_message.Message):
     count: int
     def __init__(self, grant_seq: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
+class Call(_message.Message):
+    __slots__ = ("call_id", "grow", "step", "shrink", "free")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    GROW_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SHRINK_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    grow: _vattn_pb2.GrowRequest
+    step: _vattn_pb2.StepRequest
+    shrink: _vattn_pb2.ShrinkRequest
+    free: _vattn_pb2.FreeRequest
+    def __init__(self, call_id: _Optional[int] = ..., grow: _Optional[_Union[_vattn_pb2.GrowRequest, _Mapping]] = ..., step: _Optional[_Union[_vattn_pb2.StepRequest, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkRequest, _Mapping]] = ..., free: _Optional[_Union[_vattn_pb2.FreeRequest, _Mapping]] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CallResult(_message.Message):
+    __slots__ = ("call_id", "grant", "shrink", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    SHRINK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    grant: _vattn_pb2.GrantReply
+    shrink: _vattn_pb2.ShrinkReply
+    error: CallError
+    def __init__(self, call_id: _Optional[int] = ..., grant: _Optional[_Union[_vattn_pb2.GrantReply, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkReply, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+
 class ChannelMessage(_message.Message):
-    __slots__ = ("hello", "welcome", "refused", "pages")
+    __slots__ = ("hello", "welcome", "refused", "pages", "call", "result")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     refused: Refused
     pages: PageBatch
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., pages: _Optional[_Union[PageBatch, _Mapping]] = ...) -> None: ...
+    call: Call
+    result: CallResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., pages: _Optional[_Union[PageBatch, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[CallResult, _Mapping]] = ...) -> None: ...
