@@ -156,6 +156,28 @@ def test_pages_of_a_device_stay_on_it_and_bring_up_adds_pages_live():
     core.check_invariants()
 
 
+def test_spares_are_taken_first_and_topped_up():
+    core, sid = fresh(pages=20)
+    region = core.register_region(sid, geo(), 0, spare_target=6)  # 4 tensors
+    assert len(region.spare) == 6 and core.free_pages(0) == 14 and core.session(sid).pages == 6
+    spares = list(region.spare)
+    grant = core.grow(sid, region.id, 0, 16)  # 1 page x 4 tensors: all from spares
+    assert list(grant.page_ids) == spares[:4] and grant.fresh == ()
+    assert len(grant.spare_added) == 4 and region.spare == spares[4:] + list(grant.spare_added)
+    spares = list(region.spare)
+    grant = core.grow(sid, region.id, 1, 48)  # 3 pages x 4 = 12: 6 spares + 6 fresh; 4 free left become spares
+    assert grant.page_ids[:6] == tuple(spares) and grant.fresh == grant.page_ids[6:]
+    assert len(grant.fresh) == 6 and len(grant.spare_added) == 4
+    assert grant.fd_pages == grant.fresh + grant.spare_added
+    assert core.free_pages(0) == 0 and region.spare == list(grant.spare_added)
+    core.check_invariants()
+    with pytest.raises(ResourceExhausted, match=r"and \d+ spare in this region"):
+        core.grow(sid, region.id, 2, 256)
+    assert len(core.release_region(sid, region.id)) == 20 and core.free_pages(0) == 20
+    with pytest.raises(InvalidArgument, match="spare_pages"):
+        core.register_region(sid, geo(), 0, spare_target=-1)
+
+
 # ----- model-based: random operations against a simple reference model -----
 
 class PoolMachine(RuleBasedStateMachine):
@@ -169,6 +191,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.sessions: list[int] = []
         self.regions: dict[int, tuple[int, int, Geometry]] = {}  # id -> (session, device, geometry)
         self.model: dict[tuple[int, int], int] = {}  # (region, slot) -> pages per tensor
+        self.spares: dict[int, list[int]] = {}  # region -> [spares held, target]
 
     def _pages_per_tensor(self, g: Geometry, tokens: int) -> int:
         return -(-tokens * g.token_bytes // PAGE)
@@ -177,7 +200,12 @@ class PoolMachine(RuleBasedStateMachine):
         used = sum(
             n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][1] == device
         )
+        used += sum(held for r, (held, _) in self.spares.items() if self.regions[r][1] == device)
         return self.PAGES[device] - used
+
+    def _top_up(self, rid: int) -> None:
+        held, target = self.spares[rid]
+        self.spares[rid][0] += max(0, min(target - held, self._free(self.regions[rid][1])))
 
     @rule(pid=st.integers(1, 10**6))
     def open_session(self, pid):
@@ -191,17 +219,20 @@ class PoolMachine(RuleBasedStateMachine):
         self.sessions.remove(sid)
         for rid in [r for r, (s, _, _) in self.regions.items() if s == sid]:
             del self.regions[rid]
+            del self.spares[rid]
             for key in [k for k in self.model if k[0] == rid]:
                 del self.model[key]
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data(), layers=st.integers(1, 3), heads=st.integers(1, 4), device=st.sampled_from([0, 1]),
-          batch=st.integers(1, 4), context=st.integers(1, 200))
-    def register(self, data, layers, heads, device, batch, context):
+          batch=st.integers(1, 4), context=st.integers(1, 200), spare=st.sampled_from([0, 0, 1, 4, 9]))
+    def register(self, data, layers, heads, device, batch, context, spare):
         sid = data.draw(st.sampled_from(self.sessions))
         g = Geometry(layers, heads, 32, 2, batch, context)
-        region = self.core.register_region(sid, g, device)
+        region = self.core.register_region(sid, g, device, spare_target=spare)
         self.regions[region.id] = (sid, device, g)
+        self.spares[region.id] = [0, spare]
+        self._top_up(region.id)
 
     @precondition(lambda self: self.regions)
     @rule(data=st.data(), foreign=st.booleans())
@@ -235,7 +266,7 @@ class PoolMachine(RuleBasedStateMachine):
                 seen.add(slot)
                 have = self.model.get((rid, slot), 0)
                 want += max(0, self._pages_per_tensor(g, tokens) - have) * g.num_tensors
-            if expected is None and want > self._free(device):
+            if expected is None and want > self._free(device) + self.spares[rid][0]:
                 expected = ResourceExhausted
         if expected is not None:
             with pytest.raises(expected):
@@ -244,9 +275,16 @@ class PoolMachine(RuleBasedStateMachine):
             return
         grant = self.core.step(sid, rid, entries)
         assert len(grant.page_ids) == want
+        from_spare = min(want, self.spares[rid][0])
+        assert len(grant.fresh) == want - from_spare
+        self.spares[rid][0] -= from_spare
         for slot, tokens in entries:
             have = self.model.get((rid, slot), 0)
             self.model[(rid, slot)] = max(have, self._pages_per_tensor(g, tokens))
+        if want:
+            before_top_up = self.spares[rid][0]
+            self._top_up(rid)
+            assert len(grant.spare_added) == self.spares[rid][0] - before_top_up
 
     @precondition(lambda self: self.regions)
     @rule(data=st.data())
@@ -267,6 +305,7 @@ class PoolMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.regions)))
         sid, _, g = self.regions.pop(rid)
         expected = sum(n for (r, _), n in self.model.items() if r == rid) * g.num_tensors
+        expected += self.spares.pop(rid)[0]
         assert len(self.core.release_region(sid, rid)) == expected
         for key in [k for k in self.model if k[0] == rid]:
             del self.model[key]
@@ -280,6 +319,7 @@ class PoolMachine(RuleBasedStateMachine):
             held = sum(
                 n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][0] == sid
             )
+            held += sum(h for r, (h, _) in self.spares.items() if self.regions[r][0] == sid)
             assert self.core.session(sid).pages == held
 
 

@@ -13,6 +13,13 @@ Rules it keeps (``check_invariants`` verifies them):
 Pages of a slot are stored tensor-interleaved: page index ``j`` of tensor
 ``t`` sits at ``slot_pages[j * num_tensors + t]``, so growing appends and
 shrinking truncates.
+
+Spare pages (eager allocation): a region may ask for ``spare_target`` pages
+held ahead of need. They belong to the region's session (so no other session
+can ever receive them) but to no slot yet; the worker imports them in the
+background, and a grow takes them first, which keeps the import off the
+grow's critical path. Each grant tops the spares up again from the free list,
+best effort: a shortage of spares never fails a call.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ MAX_DIM = 4096
 MAX_BATCH = 65536
 MAX_CONTEXT = 1 << 24
 MAX_TENSOR_BYTES = 1 << 44  # 16 TiB of virtual space per K or V tensor
+MAX_SPARE = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,9 @@ class Region:
     pages_per_slot: int
     # Per slot, that slot's pages, tensor-interleaved (see module docstring).
     slots: list[list[PageId]]
+    # Pages held ahead of need (oldest first) and how many to keep.
+    spare: list[PageId] = field(default_factory=list)
+    spare_target: int = 0
 
     @property
     def tensor_bytes(self) -> int:
@@ -105,7 +116,7 @@ class Region:
         return len(self.slots[slot]) // self.num_tensors
 
     def pages_held(self) -> int:
-        return sum(len(s) for s in self.slots)
+        return sum(len(s) for s in self.slots) + len(self.spare)
 
 
 @dataclass(slots=True)
@@ -129,10 +140,21 @@ class SlotGrant:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """Pages granted by one grow or step, in reply order."""
+    """Pages granted by one grow or step, in reply order.
+
+    ``fresh`` are the ids of ``page_ids`` that did not come from the region's
+    spares (the worker has no handle for them yet), in ``page_ids`` order;
+    ``spare_added`` are new spare pages. Fds go out for fresh + spare_added.
+    """
 
     grants: tuple[SlotGrant, ...]
     page_ids: tuple[PageId, ...]
+    fresh: tuple[PageId, ...] = ()
+    spare_added: tuple[PageId, ...] = ()
+
+    @property
+    def fd_pages(self) -> tuple[PageId, ...]:
+        return self.fresh + self.spare_added
 
 
 EMPTY_GRANT = Grant((), ())
@@ -285,9 +307,12 @@ class PoolCore:
         return released
 
     # ----- regions ---------------------------------------------------------
-    def register_region(self, sid: int, geometry: Geometry, device: int) -> Region:
+    def register_region(self, sid: int, geometry: Geometry, device: int, spare_target: int = 0) -> Region:
+        """Registers a region; with ``spare_target``, takes spares at once (see ``region.spare``)."""
         session = self.session(sid)
         geometry.validate()
+        if not 0 <= spare_target <= MAX_SPARE:
+            raise InvalidArgument(f"spare_pages is {spare_target}; it must be in 0..{MAX_SPARE}")
         if device not in self._total:
             raise InvalidArgument(
                 f"device {device} is not served by this daemon; use one of {self.devices}"
@@ -313,11 +338,26 @@ class PoolCore:
             slot_stride=slot_stride,
             pages_per_slot=pages_per_slot,
             slots=[[] for _ in range(geometry.max_batch)],
+            spare_target=spare_target,
         )
         self._next_region += 1
         self._regions[region.id] = region
         session.regions[region.id] = region
+        self._top_up(region)
         return region
+
+    def _top_up(self, region: Region) -> tuple[PageId, ...]:
+        """Moves free pages to the region's spares up to its target; returns them."""
+        free = self._free[region.device]
+        n = min(region.spare_target - len(region.spare), len(free))
+        if n <= 0:
+            return ()
+        added = free[len(free) - n :]
+        del free[len(free) - n :]
+        added.reverse()
+        region.spare.extend(added)
+        self._sessions[region.session].pages += n
+        return tuple(added)
 
     def release_region(self, sid: int, region_id: int) -> list[PageId]:
         region = self.region(sid, region_id)
@@ -326,8 +366,10 @@ class PoolCore:
     def _drop_region(self, session: Session, region_id: RegionId) -> list[PageId]:
         region = session.regions.pop(region_id)
         del self._regions[region_id]
-        released: list[PageId] = []
+        released: list[PageId] = list(region.spare)
         free = self._free[region.device]
+        free.extend(region.spare)
+        region.spare.clear()
         for pages in region.slots:
             released.extend(pages)
             free.extend(pages)
@@ -375,18 +417,27 @@ class PoolCore:
                 wanted += (need - have) * num_tensors
         if not plan:
             return EMPTY_GRANT
-        free = self._free[region.device]
-        if wanted > len(free):
+        free, spare = self._free[region.device], region.spare
+        if wanted > len(free) + len(spare):
             raise ResourceExhausted(
                 f"device {region.device}: this call needs {wanted} pages "
                 f"({format_size(wanted * self.page_size)}) but {len(free)} of "
-                f"{self._total[region.device]} are free; free or shrink slots, or give "
-                f"vattnd a larger --pool-size"
+                f"{self._total[region.device]} are free"
+                + (f" (and {len(spare)} spare in this region)" if spare else "")
+                + "; free or shrink slots, or give vattnd a larger --pool-size"
             )
-        # Commit: nothing below can fail.
-        granted = free[len(free) - wanted :]
-        del free[len(free) - wanted :]
-        granted.reverse()
+        # Commit: nothing below can fail. Spares first (oldest first: the
+        # worker has most likely imported them already), then free pages.
+        from_spare = min(wanted, len(spare))
+        granted = spare[:from_spare]
+        del spare[:from_spare]
+        fresh_n = wanted - from_spare
+        fresh: list[PageId] = []
+        if fresh_n:
+            fresh = free[len(free) - fresh_n :]
+            del free[len(free) - fresh_n :]
+            fresh.reverse()
+            granted.extend(fresh)
         grants = []
         offset = 0
         for slot, have, count in plan:
@@ -394,8 +445,8 @@ class PoolCore:
             region.slots[slot].extend(granted[offset : offset + n])
             offset += n
             grants.append(SlotGrant(slot, have, count))
-        self._sessions[region.session].pages += wanted
-        return Grant(tuple(grants), tuple(granted))
+        self._sessions[region.session].pages += fresh_n
+        return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region))
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
         """Returns the pages of ``slot`` beyond ``tokens`` tokens.
@@ -419,6 +470,10 @@ class PoolCore:
         """Every owned page and its (session, region, slot). For tests and audits."""
         owned: dict[PageId, tuple[SessionId, RegionId, int]] = {}
         for region in self._regions.values():
+            for page in region.spare:  # slot -1: a spare
+                if page in owned:
+                    raise AssertionError(f"page {page} owned twice")
+                owned[page] = (region.session, region.id, -1)
             for slot, pages in enumerate(region.slots):
                 for page in pages:
                     if page in owned:
@@ -453,6 +508,10 @@ class PoolCore:
                     raise AssertionError(f"region {region.id} slot {slot}: over max_context")
                 if any(self.device_of(p) != region.device for p in pages):
                     raise AssertionError(f"region {region.id}: page from another device")
+            if len(region.spare) > region.spare_target:
+                raise AssertionError(f"region {region.id}: {len(region.spare)} spares over target {region.spare_target}")
+            if any(self.device_of(p) != region.device for p in region.spare):
+                raise AssertionError(f"region {region.id}: spare page from another device")
         for session in self._sessions.values():
             held = sum(r.pages_held() for r in session.regions.values())
             if held != session.pages:
