@@ -94,10 +94,32 @@ class PoolService:
         return handle
 
     # ----- regions ---------------------------------------------------------
-    def register_region(self, token: str, geometry: Geometry, device: int) -> Region:
+    def register_region(self, token: str, geometry: Geometry, device: int,
+                        spare: int = 0) -> tuple[Region, int, tuple[int, ...]]:
+        """Registers a region; sends the fds of its first spares. Returns (region, grant_seq, spares)."""
         handle = self._handle(token)
-        with self.lock:
-            return self.core.register_region(handle.session_id, geometry, device)
+        with handle.conn.send_lock:
+            with self.lock:
+                region = self.core.register_region(handle.session_id, geometry, device, spare)
+                spares = tuple(region.spare)
+            return region, self._send(handle, spares), spares
+
+    def _send(self, handle: SessionHandle, pages: Sequence[int]) -> int:
+        """Sends the fds of ``pages`` (caller holds the send lock); returns the grant_seq, 0 if none."""
+        if not pages:
+            return 0
+        handle.grant_seq += 1
+        fds = self.fds
+        conn = handle.conn
+        try:
+            conn.send_pages(handle.grant_seq, [fds[p] for p in pages])
+        except ChannelBroken as exc:
+            # The worker is gone or stuck: end the session, which returns
+            # these pages with the rest.
+            conn.close()
+            self.close_session(conn)
+            raise Unavailable(f"{exc}; the session was closed: reconnect") from exc
+        return handle.grant_seq
 
     def release_region(self, token: str, region_id: int) -> int:
         handle = self._handle(token)
@@ -110,23 +132,12 @@ class PoolService:
         return self.grant_to(self._handle(token), region_id, entries)
 
     def grant_to(self, handle: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
-        conn = handle.conn
-        with conn.send_lock:
+        with handle.conn.send_lock:
             with self.lock:
                 grant = self.core.step(handle.session_id, region_id, entries)
             if grant is EMPTY_GRANT:
                 return 0, grant
-            handle.grant_seq += 1
-            fds = self.fds
-            try:
-                conn.send_pages(handle.grant_seq, [fds[p] for p in grant.page_ids])
-            except ChannelBroken as exc:
-                # The worker is gone or stuck: end the session, which returns
-                # these pages with the rest.
-                conn.close()
-                self.close_session(conn)
-                raise Unavailable(f"{exc}; the session was closed: reconnect") from exc
-            return handle.grant_seq, grant
+            return self._send(handle, grant.fd_pages), grant
 
     def shrink(self, token: str, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
         return self.shrink_of(self._handle(token), region_id, slot, tokens)

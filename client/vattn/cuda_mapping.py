@@ -3,13 +3,16 @@
 Same methods as :class:`vattn.mapping.HostMapper`. Each page fd is imported
 (``cuMemImportFromShareableHandle``) and closed at once, so only the imported
 handle keeps the page; the handle is released when the page is unmapped.
-Unmapping waits for the device (``cuCtxSynchronize``) first: unmap does not
-wait for kernels in flight, and a kernel touching an unmapped address would
-poison the worker's context.
+Spare pages are imported on a background thread as soon as they arrive, so a
+grow that uses them only maps and sets access. Unmapping waits for the device
+(``cuCtxSynchronize``) first: unmap does not wait for kernels in flight, and a
+kernel touching an unmapped address would poison the worker's context.
 """
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from typing import Sequence
 
 from vattn.cudadrv import check, load_driver
@@ -31,6 +34,13 @@ class CudaMapper:
         self._access = [access]
         self._handles: dict[int, object] = {}  # mapped page address -> imported handle
         self._page_size = 0
+        # Spares: page id -> imported handle, filled by the importer thread.
+        self._spares: dict[int, object] = {}
+        self._pending: set[int] = set()
+        self._import_error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._importer: threading.Thread | None = None
 
     def _current(self) -> None:
         check(self.cu, self.cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
@@ -40,20 +50,77 @@ class CudaMapper:
         ptr = check(self.cu, self.cu.cuMemAddressReserve(nbytes, 2 << 20, 0, 0), "cuMemAddressReserve")
         return int(ptr)
 
-    def map_pages(self, addrs: Sequence[int], fds: Sequence[int], page_size: int) -> None:
-        """Imports ``fds[i]`` and maps it at ``addrs[i]`` read-write; closes every fd."""
-        cu, fd_type, handles = self.cu, self._fd_type, self._handles
+    def _import(self, fd: int):
+        cu = self.cu
+        try:
+            err, handle = cu.cuMemImportFromShareableHandle(fd, self._fd_type)
+        finally:
+            os.close(fd)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            check(cu, (err,), "cuMemImportFromShareableHandle")
+        return handle
+
+    # ----- spares: imported in the background ------------------------------
+    def add_spares(self, page_ids: Sequence[int], fds: Sequence[int]) -> None:
+        if not page_ids:
+            return
+        with self._cond:
+            self._pending.update(page_ids)
+        if self._importer is None:
+            self._importer = threading.Thread(target=self._import_loop, name="vattn-import", daemon=True)
+            self._importer.start()
+        self._queue.put((tuple(page_ids), tuple(fds)))
+
+    def _import_loop(self) -> None:
+        self._current()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            for page, fd in zip(*item):
+                try:
+                    handle = self._import(fd)
+                except BaseException as exc:  # noqa: BLE001 - reported to the next map_pages
+                    with self._cond:
+                        self._import_error = exc
+                        self._pending.discard(page)
+                        self._cond.notify_all()
+                    continue
+                with self._cond:
+                    self._pending.discard(page)
+                    self._spares[page] = handle
+                    self._cond.notify_all()
+
+    def _take_spare(self, page: int):
+        """The imported handle of spare ``page`` (waiting for its import), or None if not a spare."""
+        with self._cond:
+            while page in self._pending:
+                self._cond.wait()
+            handle = self._spares.pop(page, None)
+            if handle is None and self._import_error is not None:
+                exc, self._import_error = self._import_error, None
+                raise exc
+            return handle
+
+    def wait_spares(self) -> None:
+        """Blocks until every spare received so far is imported."""
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    # ----- mapping ----------------------------------------------------------
+    def map_pages(self, addrs: Sequence[int], page_ids: Sequence[int], fds: Sequence[int], page_size: int) -> None:
+        """Maps page ``page_ids[i]`` at ``addrs[i]`` read-write; closes every fd."""
+        cu, handles = self.cu, self._handles
         self._page_size = page_size
         ok = cu.CUresult.CUDA_SUCCESS
-        done = 0
+        fresh = iter(fds)
         try:
             self._current()
-            for addr, fd in zip(addrs, fds):
-                err, handle = cu.cuMemImportFromShareableHandle(fd, fd_type)
-                if err != ok:
-                    check(cu, (err,), "cuMemImportFromShareableHandle")
-                os.close(fd)
-                done += 1
+            for addr, page in zip(addrs, page_ids):
+                handle = self._take_spare(page)
+                if handle is None:
+                    handle = self._import(next(fresh))
                 (err,) = cu.cuMemMap(addr, page_size, 0, handle, 0)
                 if err != ok:
                     cu.cuMemRelease(handle)
@@ -65,7 +132,7 @@ class CudaMapper:
                 if err != ok:
                     check(cu, (err,), "cuMemSetAccess")
         finally:
-            for fd in fds[done:]:
+            for fd in fresh:
                 os.close(fd)
 
     def unmap(self, addr: int, nbytes: int) -> None:
@@ -84,6 +151,17 @@ class CudaMapper:
     def free(self, addr: int, nbytes: int) -> None:
         self.unmap(addr, nbytes)
         check(self.cu, self.cu.cuMemAddressFree(addr, nbytes), "cuMemAddressFree")
+
+    def close(self) -> None:
+        """Stops the importer and releases the spares never mapped."""
+        if self._importer is not None:
+            self._queue.put(None)
+            self._importer.join()
+            self._importer = None
+        with self._cond:
+            spares, self._spares = self._spares, {}
+        for handle in spares.values():
+            self.cu.cuMemRelease(handle)
 
 
 def _runs(addrs: Sequence[int], page_size: int):

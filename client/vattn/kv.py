@@ -57,7 +57,8 @@ class KVCache:
     Not thread-safe: drive one cache from one thread (the engine loop).
     """
 
-    def __init__(self, session: Session, layout: pb.RegionLayout, mapper: Mapper, dtype: torch.dtype):
+    def __init__(self, session: Session, layout: pb.RegionLayout, mapper: Mapper, dtype: torch.dtype,
+                 spare_fds: list[int] = ()):
         self._session = session
         self._mapper = mapper
         self.layout = layout
@@ -91,6 +92,7 @@ class KVCache:
         self._capacity = [0] * g.max_batch
         self._in_use = [False] * g.max_batch
         self.closed = False
+        mapper.add_spares(layout.spare_page_ids, spare_fds)
 
     # ----- slots -----------------------------------------------------------
     def alloc(self) -> int:
@@ -135,9 +137,11 @@ class KVCache:
         num_tensors, stride, page_size = self._num_tensors, self._stride, self.page_size
         bases = self._bases
         addrs: list[int] = []
+        n_spare = len(reply.spare_page_ids)
+        fresh, spare_fds = fds[: len(fds) - n_spare], fds[len(fds) - n_spare :]
         for g in reply.grants:
             if g.first_page != self._pages[g.slot]:
-                self._mapper.map_pages((), fds, page_size)  # closes them
+                self._mapper.map_pages((), (), fds, page_size)  # closes them
                 raise Internal(
                     f"slot {g.slot}: daemon says {g.first_page} pages were mapped, the client has "
                     f"{self._pages[g.slot]}; the session is out of step: reconnect"
@@ -146,10 +150,15 @@ class KVCache:
             for j in range(g.count):
                 offset = slot_base + j * page_size
                 addrs.extend(base + offset for base in bases)
-        self._mapper.map_pages(addrs, fds, page_size)
+        self._mapper.map_pages(addrs, reply.page_ids, fresh, page_size)
+        self._mapper.add_spares(reply.spare_page_ids, spare_fds)
         for g in reply.grants:
             pages = self._pages[g.slot] = g.first_page + g.count
             self._capacity[g.slot] = min(self.max_context, pages * page_size // self._token_bytes)
+
+    def wait_prefetched(self) -> None:
+        """Blocks until the spare pages received so far are imported (benchmarks, tests)."""
+        self._mapper.wait_spares()
 
     def shrink(self, slot: int, tokens: int) -> None:
         """Keeps the pages ``tokens`` tokens need and returns the rest to the pool."""
@@ -186,6 +195,7 @@ class KVCache:
         for base in self._bases:
             self._mapper.free(base, self.layout.tensor_bytes)
         self._bases = []
+        self._mapper.close()
         if not self._session.closed:
             self._session.release_region(self.region_id)
 

@@ -30,15 +30,31 @@ _mmap = _libc.mmap
 
 
 class Mapper(Protocol):
+    """Maps page fds into reserved ranges. Takes ownership of every fd it is given.
+
+    Spare pages (``add_spares``) arrive ahead of need; a mapper may prepare
+    them in the background (the CUDA mapper imports them) so that mapping
+    them later is cheap.
+    """
+
     device: str  # torch device string, "cpu" or "cuda:N"
 
     def reserve(self, nbytes: int) -> int: ...
 
-    def map_pages(self, addrs: Sequence[int], fds: Sequence[int], page_size: int) -> None: ...
+    def add_spares(self, page_ids: Sequence[int], fds: Sequence[int]) -> None: ...
+
+    def map_pages(self, addrs: Sequence[int], page_ids: Sequence[int], fds: Sequence[int], page_size: int) -> None:
+        """Maps page ``page_ids[i]`` at ``addrs[i]``: a spare if it is one, else the next of ``fds``."""
+
+    def wait_spares(self) -> None:
+        """Blocks until the spares received so far are ready to map."""
 
     def unmap(self, addr: int, nbytes: int) -> None: ...
 
     def free(self, addr: int, nbytes: int) -> None: ...
+
+    def close(self) -> None:
+        """Drops the spares not used."""
 
 
 def _check(result, what: str) -> int:
@@ -49,9 +65,12 @@ def _check(result, what: str) -> int:
 
 
 class HostMapper:
-    """Pages are memfds mapped with mmap(MAP_SHARED | MAP_FIXED)."""
+    """Pages are memfds mapped with mmap(MAP_SHARED | MAP_FIXED); spares stay as open fds."""
 
     device = "cpu"
+
+    def __init__(self):
+        self._spares: dict[int, int] = {}  # page id -> fd
 
     def reserve(self, nbytes: int) -> int:
         return _check(
@@ -59,16 +78,28 @@ class HostMapper:
             f"reserving {nbytes} bytes of address space",
         )
 
-    def map_pages(self, addrs: Sequence[int], fds: Sequence[int], page_size: int) -> None:
-        """Maps ``fds[i]`` at ``addrs[i]``; closes every fd, mapped or not."""
+    def add_spares(self, page_ids: Sequence[int], fds: Sequence[int]) -> None:
+        self._spares.update(zip(page_ids, fds))
+
+    def wait_spares(self) -> None:
+        pass  # host spares need no preparation
+
+    def map_pages(self, addrs: Sequence[int], page_ids: Sequence[int], fds: Sequence[int], page_size: int) -> None:
         prot, flags = PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED
+        spares, fresh = self._spares, iter(fds)
         try:
-            for addr, fd in zip(addrs, fds):
-                if _mmap(addr, page_size, prot, flags, fd, 0) != addr:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"mapping a page at {addr:#x}: {os.strerror(err)}")
+            for addr, page in zip(addrs, page_ids):
+                fd = spares.pop(page, None)
+                if fd is None:
+                    fd = next(fresh)
+                try:
+                    if _mmap(addr, page_size, prot, flags, fd, 0) != addr:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"mapping a page at {addr:#x}: {os.strerror(err)}")
+                finally:
+                    os.close(fd)  # the mapping keeps the memfd alive
         finally:
-            for fd in fds:
+            for fd in fresh:
                 os.close(fd)
 
     def unmap(self, addr: int, nbytes: int) -> None:
@@ -82,3 +113,8 @@ class HostMapper:
         if _libc.munmap(addr, nbytes) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"munmap: {os.strerror(err)}")
+
+    def close(self) -> None:
+        spares, self._spares = self._spares, {}
+        for fd in spares.values():
+            os.close(fd)

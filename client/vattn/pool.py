@@ -1,6 +1,7 @@
 """The object ``vattn.connect()`` returns: a session plus the caches made on it."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from vattn.errors import InvalidArgument
@@ -29,10 +30,14 @@ class Pool:
         return [d.device for d in self.info.devices]
 
     def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
-                 max_context: int, dtype: "torch.dtype | None" = None, device: int = 0) -> "KVCache":
+                 max_context: int, dtype: "torch.dtype | None" = None, device: int = 0,
+                 prefetch_pages: int | None = None) -> "KVCache":
         """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
 
         ``device`` is the index of the GPU whose pool backs it (0 on host).
+        ``prefetch_pages`` spare pages are held ahead of need and imported in
+        the background, so a grow that uses them skips the import; default:
+        one page per K/V tensor on CUDA, none on host (where import is free).
         """
         import torch
 
@@ -42,15 +47,20 @@ class Pool:
         if dtype not in DTYPES:
             raise InvalidArgument(f"dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("max_batch", max_batch), ("max_context", max_context), ("device", device)):
+                            ("max_batch", max_batch), ("max_context", max_context), ("device", device),
+                            ("prefetch_pages", prefetch_pages or 0)):
             if not isinstance(value, int) or value < 0 or value >= 1 << 32:
                 raise InvalidArgument(f"{name} must be a non-negative 32-bit integer, not {value!r}")
         geometry = pb.Geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                dtype=DTYPES[dtype], max_batch=max_batch, max_context=max_context)
-        layout = self.session.register_region(geometry, device)
+        if prefetch_pages is None:
+            prefetch_pages = 2 * num_layers if self.info.backend == pb.BACKEND_CUDA else 0
+        layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
         try:
-            cache = KVCache(self.session, layout, self._mapper(device), dtype)
+            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds)
         except BaseException:
+            for fd in spare_fds:
+                os.close(fd)
             self.session.release_region(layout.region_id)
             raise
         self._caches.append(cache)

@@ -77,11 +77,16 @@ class Session:
             raise translate(exc, self.socket_path) from None
 
     # ----- regions ---------------------------------------------------------
-    def register_region(self, geometry: pb.Geometry, device: int = 0) -> pb.RegionLayout:
-        return self._call(
-            self.stub.RegisterRegion,
-            pb.RegisterRegionRequest(session_token=self.token, geometry=geometry, device=device),
-        )
+    def register_region(self, geometry: pb.Geometry, device: int = 0,
+                        spare_pages: int = 0) -> tuple[pb.RegionLayout, list[int]]:
+        """Registers a region; returns its layout and the fds of its first spare pages."""
+        request = pb.RegisterRegionRequest(session_token=self.token, geometry=geometry, device=device,
+                                           spare_pages=spare_pages)
+        with self._lock:
+            layout = self._call(self.stub.RegisterRegion, request)
+            if not layout.spare_grant_seq:
+                return layout, []
+            return layout, self.channel.receive_pages(layout.spare_grant_seq, len(layout.spare_page_ids))
 
     def release_region(self, region_id: int) -> int:
         reply = self._call(
@@ -104,7 +109,7 @@ class Session:
                 reply = self._call(method, request)
             if not reply.grant_seq:
                 return reply, []
-            return reply, self.channel.receive_pages(reply.grant_seq, len(reply.page_ids))
+            return reply, self.channel.receive_pages(reply.grant_seq, reply.fd_count)
 
     def grow(self, region_id: int, slot: int, tokens: int) -> tuple[pb.GrantReply, list[int]]:
         """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""

@@ -213,3 +213,26 @@ def test_many_fds_in_one_step(short_tmp):
         assert d.wait_used_pages(0) == 0
     finally:
         assert d.stop() == 0
+
+
+def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
+    cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
+                          prefetch_pages=4)  # 4 tensors: one grow of one page per tensor
+    assert len(cache.layout.spare_page_ids) == 4
+    assert daemon.used_pages() == 4  # held ahead of need, counted as this session's
+    spares = list(cache.layout.spare_page_ids)
+    slot = cache.alloc()
+    reply, fds = pool.session.grow(cache.region_id, slot, 256)  # by hand, to see the reply
+    assert list(reply.page_ids) == spares and reply.fd_count == 4 == len(reply.spare_page_ids)
+    cache._map(reply, fds)
+    assert daemon.used_pages() == 8
+    cache.k[1][slot, :256] = 5.0
+    cache.grow(slot, 600)  # 2 more pages per tensor: 4 spares + 4 fresh, 4 new spares
+    assert daemon.used_pages() == 4 * 3 + 4
+    assert torch.all(cache.k[1][slot, :256] == 5.0)
+    cache.k[0][slot, 256:600] = 6.0
+    assert torch.all(cache.k[0][slot, 256:600] == 6.0)
+    cache.free(slot)
+    assert daemon.used_pages() == 4
+    cache.close()
+    assert daemon.used_pages() == 0

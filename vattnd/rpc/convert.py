@@ -10,4 +10,6 @@ def grant_reply(seq: int, grant: Grant) -> pb.GrantReply:
         grant_seq=seq,
         grants=[pb.SlotGrant(slot=g.slot, first_page=g.first_page, count=g.count) for g in grant.grants],
         page_ids=grant.page_ids,
+        spare_page_ids=grant.spare_added,
+        fd_count=len(grant.fresh) + len(grant.spare_added),
     )

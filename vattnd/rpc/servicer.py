@@ -120,8 +120,12 @@ class PoolServicer(pb_grpc.PoolServicer):
                 + ", ".join(pb.DType.Name(k) for k in DTYPE_SIZES)
             )
         geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, size, g.max_batch, g.max_context)
-        region = self.service.register_region(request.session_token, geometry, request.device)
-        return _layout(region, g)
+        region, seq, spares = self.service.register_region(request.session_token, geometry, request.device,
+                                                   request.spare_pages)
+        layout = _layout(region, g)
+        layout.spare_grant_seq = seq
+        layout.spare_page_ids.extend(spares)
+        return layout
 
     @_rpc
     def ReleaseRegion(self, request, context):

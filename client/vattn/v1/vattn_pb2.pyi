@@ -70,17 +70,19 @@ class Geometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
-    __slots__ = ("session_token", "geometry", "device")
+    __slots__ = ("session_token", "geometry", "device", "spare_pages")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SPARE_PAGES_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     geometry: Geometry
     device: int
-    def __init__(self, session_token: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ...) -> None: ...
+    spare_pages: int
+    def __init__(self, session_token: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ..., spare_pages: _Optional[int] = ...) -> None: ...
 
 class RegionLayout(_message.Message):
-    __slots__ = ("region_id", "geometry", "device", "num_tensors", "page_size", "token_bytes", "slot_stride", "pages_per_slot", "tensor_bytes")
+    __slots__ = ("region_id", "geometry", "device", "num_tensors", "page_size", "token_bytes", "slot_stride", "pages_per_slot", "tensor_bytes", "spare_grant_seq", "spare_page_ids")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,8 @@ class RegionLayout(_message.Message):
     SLOT_STRIDE_FIELD_NUMBER: _ClassVar[int]
     PAGES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPARE_GRANT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SPARE_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     region_id: int
     geometry: Geometry
     device: int
@@ -99,7 +103,9 @@ class RegionLayout(_message.Message):
     slot_stride: int
     pages_per_slot: int
     tensor_bytes: int
-    def __init__(self, region_id: _Optional[int] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ..., num_tensors: _Optional[int] = ..., page_size: _Optional[int] = ..., token_bytes: _Optional[int] = ..., slot_stride: _Optional[int] = ..., pages_per_slot: _Optional[int] = ..., tensor_bytes: _Optional[int] = ...) -> None: ...
+    spare_grant_seq: int
+    spare_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region_id: _Optional[int] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ..., num_tensors: _Optional[int] = ..., page_size: _Optional[int] = ..., token_bytes: _Optional[int] = ..., slot_stride: _Optional[int] = ..., pages_per_slot: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., spare_grant_seq: _Optional[int] = ..., spare_page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRegionRequest(_message.Message):
     __slots__ = ("session_token", "region_id")
@@ -156,14 +162,18 @@ class SlotGrant(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class GrantReply(_message.Message):
-    __slots__ = ("grant_seq", "grants", "page_ids")
+    __slots__ = ("grant_seq", "grants", "page_ids", "spare_page_ids", "fd_count")
     GRANT_SEQ_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPARE_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FD_COUNT_FIELD_NUMBER: _ClassVar[int]
     grant_seq: int
     grants: _containers.RepeatedCompositeFieldContainer[SlotGrant]
     page_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, grant_seq: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[SlotGrant, _Mapping]]] = ..., page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    spare_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    fd_count: int
+    def __init__(self, grant_seq: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[SlotGrant, _Mapping]]] = ..., page_ids: _Optional[_Iterable[int]] = ..., spare_page_ids: _Optional[_Iterable[int]] = ..., fd_count: _Optional[int] = ...) -> None: ...
 
 class ShrinkRequest(_message.Message):
     __slots__ = ("session_token", "region_id", "slot", "tokens")
