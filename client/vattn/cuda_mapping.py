@@ -91,16 +91,18 @@ class CudaMapper:
                     self._spares[page] = handle
                     self._cond.notify_all()
 
-    def _take_spare(self, page: int):
-        """The imported handle of spare ``page`` (waiting for its import), or None if not a spare."""
+    def _take_spares(self, page_ids: Sequence[int]) -> list:
+        """Per page, its imported spare handle (waiting for pending imports), or None if not a spare."""
         with self._cond:
-            while page in self._pending:
+            if not self._spares and not self._pending:
+                return [None] * len(page_ids)
+            while self._pending.intersection(page_ids):
                 self._cond.wait()
-            handle = self._spares.pop(page, None)
-            if handle is None and self._import_error is not None:
+            if self._import_error is not None:
                 exc, self._import_error = self._import_error, None
                 raise exc
-            return handle
+            pop = self._spares.pop
+            return [pop(page, None) for page in page_ids]
 
     def wait_spares(self) -> None:
         """Blocks until every spare received so far is imported."""
@@ -117,11 +119,11 @@ class CudaMapper:
         fresh = iter(fds)
         try:
             self._current()
-            for addr, page in zip(addrs, page_ids):
-                handle = self._take_spare(page)
+            cu_map = cu.cuMemMap
+            for addr, handle in zip(addrs, self._take_spares(page_ids)):
                 if handle is None:
                     handle = self._import(next(fresh))
-                (err,) = cu.cuMemMap(addr, page_size, 0, handle, 0)
+                (err,) = cu_map(addr, page_size, 0, handle, 0)
                 if err != ok:
                     cu.cuMemRelease(handle)
                     check(cu, (err,), f"cuMemMap at {addr:#x}")

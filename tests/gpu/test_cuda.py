@@ -45,9 +45,11 @@ def test_tensors_are_cuda_tensors_over_mapped_pages(gpu_pool, gpu_daemon):
                               dtype=torch.float16)  # 2 KiB/token: 1024 tokens per page, 4 pages per slot
     for t in cache.k + cache.v:
         assert t.device == torch.device("cuda:0") and t.is_contiguous() and t.shape == (4, 4096, 8, 128)
+    spares = 8  # prefetched by default on CUDA: one page per K/V tensor
+    assert gpu_daemon.used_pages() == spares
     slot = cache.alloc()
     cache.grow(slot, 1500)
-    assert cache.pages(slot) == 2 and gpu_daemon.used_pages() == 16
+    assert cache.pages(slot) == 2 and gpu_daemon.used_pages() == 16 + spares
     for layer in range(4):
         cache.k[layer][slot, :1500] = layer + 1
         cache.v[layer][slot, :1500] = -(layer + 1)
@@ -61,6 +63,8 @@ def test_tensors_are_cuda_tensors_over_mapped_pages(gpu_pool, gpu_daemon):
     assert cache.k[3][slot, 4095].float().sum().item() == 9 * 8 * 128
     cache.free(slot)
     cache.free(1)
+    assert gpu_daemon.used_pages() == spares
+    cache.close()
     assert gpu_daemon.used_pages() == 0
 
 
@@ -123,10 +127,11 @@ def test_pool_exhaustion_is_a_clean_error(gpu_pool, gpu_daemon):
     cache = gpu_pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=8, max_context=32768,
                               dtype=torch.float16)
     a = cache.alloc()
-    cache.grow(a, 8192)  # 8 pages x 64 tensors = 512 of 1024
+    cache.grow(a, 8192)  # 8 pages x 64 tensors = 512 of 1024, plus 64 spares
     before = gpu_daemon.used_pages()
+    assert before == 512 + 64
     b = cache.alloc()
-    with pytest.raises(vattn.ResourceExhausted, match="needs 1024 pages"):
+    with pytest.raises(vattn.ResourceExhausted, match="needs 1024 pages .* 448 of 1024 are free .and 64 spare"):
         cache.grow(b, 16384)
     assert gpu_daemon.used_pages() == before and cache.pages(b) == 0
     cache.k[0][a, :8192] = 1
