@@ -77,15 +77,22 @@ class ClientChannel:
 
     def call(self, call: channel_pb2.Call) -> channel_pb2.CallResult:
         """Sends a fast-path Call and returns its CallResult; page batches are kept for receive_pages."""
+        return self.wait_result(self.send_call(call))
+
+    def send_call(self, call: channel_pb2.Call) -> int:
+        """Sends a Call without waiting; returns its call_id for :meth:`wait_result`."""
         self._call_id += 1
         call.call_id = self._call_id
         try:
             self.sock.send(channel_pb2.ChannelMessage(call=call).SerializeToString())
         except OSError as exc:
             raise Unavailable(f"the fd channel to vattnd broke: {exc}") from None
+        return call.call_id
+
+    def wait_result(self, call_id: int) -> channel_pb2.CallResult:
         while True:
             msg, fds = self._receive()
-            if msg.WhichOneof("kind") == "result" and msg.result.call_id == call.call_id:
+            if msg.WhichOneof("kind") == "result" and msg.result.call_id == call_id:
                 _close_all(fds)
                 return msg.result
             self._stash(msg, fds)

@@ -19,6 +19,8 @@ from vattn.cudadrv import check, load_driver
 
 
 class CudaMapper:
+    overlap_spares = True
+
     def __init__(self, device: int):
         cu = self.cu = load_driver()
         self.index = device
@@ -149,6 +151,17 @@ class CudaMapper:
             if handle is not None:
                 check(cu, cu.cuMemUnmap(page, page_size), "cuMemUnmap")
                 check(cu, cu.cuMemRelease(handle), "cuMemRelease")
+
+    def unmap_to_spares(self, addrs: Sequence[int], page_ids: Sequence[int]) -> None:
+        cu = self.cu
+        self._current()
+        check(cu, cu.cuCtxSynchronize(), "cuCtxSynchronize")
+        for addr, page in zip(addrs, page_ids):
+            handle = self._handles.pop(addr, None)
+            if handle is not None:
+                check(cu, cu.cuMemUnmap(addr, self._page_size), "cuMemUnmap")
+                with self._cond:
+                    self._spares[page] = handle
 
     def free(self, addr: int, nbytes: int) -> None:
         self.unmap(addr, nbytes)

@@ -8,7 +8,10 @@ engines grow before they write, as with any KV cache.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
+import itertools
+import os
 from typing import Mapping
 
 import torch
@@ -32,6 +35,11 @@ def _host_tensor(addr: int, nbytes: int) -> torch.Tensor:
     # A ctypes array over the range gives torch a buffer without copying;
     # the tensor keeps the array object alive.
     return torch.frombuffer((ctypes.c_byte * nbytes).from_address(addr), dtype=torch.uint8)
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class _CudaArray:
@@ -92,7 +100,10 @@ class KVCache:
         self._capacity = [0] * g.max_batch
         self._in_use = [False] * g.max_batch
         self.closed = False
-        mapper.add_spares(layout.spare_page_ids, spare_fds)
+        # Spare pages held ahead of need, oldest first: the order the daemon
+        # takes them in, so a grow covered by spares is known in advance.
+        self._spares: collections.deque[int] = collections.deque()
+        self._add_spares(layout.spare_page_ids, spare_fds)
 
     # ----- slots -----------------------------------------------------------
     def alloc(self) -> int:
@@ -114,12 +125,16 @@ class KVCache:
         """Pages per tensor mapped under ``slot``."""
         return self._pages[slot]
 
+    @property
+    def spare_pages(self) -> int:
+        """Pages held ahead of need (prefetched) for this cache."""
+        return len(self._spares)
+
     def grow(self, slot: int, tokens: int) -> None:
         """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can."""
         if 0 <= slot < self.max_batch and tokens <= self._capacity[slot]:
             return
-        reply, fds = self._session.grow(self.region_id, slot, tokens)
-        self._map(reply, fds)
+        self._grant({slot: tokens}.items(), single=True)
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
@@ -128,33 +143,104 @@ class KVCache:
             (slot, tokens) for slot, tokens in targets.items()
             if not (0 <= slot < self.max_batch and tokens <= capacity[slot])
         ]
-        if not needy:
-            return
-        reply, fds = self._session.step(self.region_id, needy)
-        self._map(reply, fds)
+        if needy:
+            self._grant(needy, single=False)
 
-    def _map(self, reply: pb.GrantReply, fds: list[int]) -> None:
-        num_tensors, stride, page_size = self._num_tensors, self._stride, self.page_size
-        bases = self._bases
+    def _plan(self, entries) -> list[tuple[int, int, int]] | None:
+        """(slot, first page, count) per slot needing pages, as the daemon will grant them;
+        None if some entry is invalid (the daemon then answers with the exact error)."""
+        plan, seen = [], set()
+        for slot, tokens in entries:
+            if not (0 <= slot < self.max_batch and 0 <= tokens <= self.max_context) or slot in seen:
+                return None
+            seen.add(slot)
+            need = -(-tokens * self._token_bytes // self.page_size)
+            if need > self._pages[slot]:
+                plan.append((slot, self._pages[slot], need - self._pages[slot]))
+        return plan
+
+    def _addrs(self, plan) -> list[int]:
+        """Addresses of a grant's pages, in the daemon's order (per slot, page-major, tensor-interleaved)."""
+        stride, page_size, bases = self._stride, self.page_size, self._bases
         addrs: list[int] = []
-        n_spare = len(reply.spare_page_ids)
-        fresh, spare_fds = fds[: len(fds) - n_spare], fds[len(fds) - n_spare :]
-        for g in reply.grants:
-            if g.first_page != self._pages[g.slot]:
-                self._mapper.map_pages((), (), fds, page_size)  # closes them
-                raise Internal(
-                    f"slot {g.slot}: daemon says {g.first_page} pages were mapped, the client has "
-                    f"{self._pages[g.slot]}; the session is out of step: reconnect"
-                )
-            slot_base = g.slot * stride + g.first_page * page_size
-            for j in range(g.count):
+        for slot, first, count in plan:
+            slot_base = slot * stride + first * page_size
+            for j in range(count):
                 offset = slot_base + j * page_size
                 addrs.extend(base + offset for base in bases)
-        self._mapper.map_pages(addrs, reply.page_ids, fresh, page_size)
-        self._mapper.add_spares(reply.spare_page_ids, spare_fds)
-        for g in reply.grants:
-            pages = self._pages[g.slot] = g.first_page + g.count
-            self._capacity[g.slot] = min(self.max_context, pages * page_size // self._token_bytes)
+        return addrs
+
+    def _grant(self, entries, single: bool) -> None:
+        entries = list(entries)
+        if self._mapper.overlap_spares and self._session.transport == "channel":
+            plan = self._plan(entries)
+            if plan is not None:
+                wanted = sum(count for _, _, count in plan) * self._num_tensors
+                if 0 < wanted <= len(self._spares):
+                    return self._grant_from_spares(entries, plan, wanted)
+        if single:
+            reply, fds = self._session.grow(self.region_id, *entries[0])
+        else:
+            reply, fds = self._session.step(self.region_id, entries)
+        self._map(reply, fds)
+
+    def _grant_from_spares(self, entries, plan, wanted: int) -> None:
+        """The grant is covered by spares, which the daemon takes oldest first: map them while
+        the call is in flight, then check the daemon granted exactly those."""
+        pages = list(itertools.islice(self._spares, wanted))
+        addrs = self._addrs(plan)
+        failure: list[BaseException] = []
+
+        def map_ahead() -> None:
+            try:
+                self._mapper.map_pages(addrs, pages, (), self.page_size)
+            except BaseException as exc:  # noqa: BLE001 - handled once the reply is in
+                failure.append(exc)
+
+        try:
+            reply, fds = self._session.step_overlapped(self.region_id, entries, map_ahead)
+        except BaseException:
+            if not failure:
+                self._mapper.unmap_to_spares(addrs, pages)  # the daemon kept them as spares
+            raise
+        expected = [(slot, first, count) for slot, first, count in plan]
+        if failure or list(reply.page_ids) != pages or [(g.slot, g.first_page, g.count) for g in reply.grants] != expected:
+            _close_fds(fds)
+            if failure:
+                raise failure[0]
+            raise Internal("the daemon granted other pages than the spares it holds for this region; reconnect")
+        for _ in range(wanted):
+            self._spares.popleft()
+        self._add_spares(reply.spare_page_ids, fds)
+        self._grew(plan)
+
+    def _add_spares(self, page_ids, fds) -> None:
+        self._spares.extend(page_ids)
+        self._mapper.add_spares(page_ids, fds)
+
+    def _grew(self, plan) -> None:
+        for slot, first, count in plan:
+            pages = self._pages[slot] = first + count
+            self._capacity[slot] = min(self.max_context, pages * self.page_size // self._token_bytes)
+
+    def _map(self, reply: pb.GrantReply, fds: list[int]) -> None:
+        n_spare = len(reply.spare_page_ids)
+        fresh, spare_fds = fds[: len(fds) - n_spare], fds[len(fds) - n_spare :]
+        plan = [(g.slot, g.first_page, g.count) for g in reply.grants]
+        for slot, first, _ in plan:
+            if first != self._pages[slot]:
+                _close_fds(fds)
+                raise Internal(
+                    f"slot {slot}: daemon says {first} pages were mapped, the client has "
+                    f"{self._pages[slot]}; the session is out of step: reconnect"
+                )
+        # The daemon used spares first, oldest first.
+        used = min(len(reply.page_ids), len(self._spares))
+        for _ in range(used):
+            self._spares.popleft()
+        self._mapper.map_pages(self._addrs(plan), reply.page_ids, fresh, self.page_size)
+        self._add_spares(reply.spare_page_ids, spare_fds)
+        self._grew(plan)
 
     def wait_prefetched(self) -> None:
         """Blocks until the spare pages received so far are imported (benchmarks, tests)."""

@@ -38,6 +38,8 @@ class Mapper(Protocol):
     """
 
     device: str  # torch device string, "cpu" or "cuda:N"
+    # Whether mapping spares while a call is in flight pays (and can be undone).
+    overlap_spares: bool
 
     def reserve(self, nbytes: int) -> int: ...
 
@@ -48,6 +50,9 @@ class Mapper(Protocol):
 
     def wait_spares(self) -> None:
         """Blocks until the spares received so far are ready to map."""
+
+    def unmap_to_spares(self, addrs: Sequence[int], page_ids: Sequence[int]) -> None:
+        """Undoes mapping spares ``page_ids`` at ``addrs``: unmapped, kept as spares."""
 
     def unmap(self, addr: int, nbytes: int) -> None: ...
 
@@ -68,6 +73,9 @@ class HostMapper:
     """Pages are memfds mapped with mmap(MAP_SHARED | MAP_FIXED); spares stay as open fds."""
 
     device = "cpu"
+    # Host mapping costs a few microseconds a page: not worth overlapping, and
+    # a closed memfd cannot be taken back as a spare.
+    overlap_spares = False
 
     def __init__(self):
         self._spares: dict[int, int] = {}  # page id -> fd
@@ -83,6 +91,9 @@ class HostMapper:
 
     def wait_spares(self) -> None:
         pass  # host spares need no preparation
+
+    def unmap_to_spares(self, addrs: Sequence[int], page_ids: Sequence[int]) -> None:
+        raise NotImplementedError("the host mapper never maps spares ahead of a reply")
 
     def map_pages(self, addrs: Sequence[int], page_ids: Sequence[int], fds: Sequence[int], page_size: int) -> None:
         prot, flags = PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED

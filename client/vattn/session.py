@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import grpc
 
-from vattn.channel import ClientChannel
+from vattn.channel import ClientChannel, _close_all
 from vattn.errors import ERRORS_BY_CODE, InvalidArgument, Unavailable, VattnError
 from vattn.paths import default_socket
 from vattn.v1 import channel_pb2
@@ -96,10 +96,36 @@ class Session:
 
     # ----- the per-iteration calls: fd channel (fast path) or gRPC ---------
     def _on_channel(self, call: channel_pb2.Call):
-        result = self.channel.call(call)
+        return self._checked(self.channel.call(call))
+
+    @staticmethod
+    def _checked(result: channel_pb2.CallResult) -> channel_pb2.CallResult:
         if result.WhichOneof("result") == "error":
             raise ERRORS_BY_CODE.get(result.error.code, VattnError)(result.error.message)
         return result
+
+    def step_overlapped(self, region_id: int, entries: Iterable[tuple[int, int]],
+                        during: Callable[[], None]) -> tuple[pb.GrantReply, list[int]]:
+        """A channel Step that runs ``during()`` while the daemon works on it.
+
+        The worker maps the spare pages it knows the grant will use while the
+        call is in flight, so the round trip hides behind the mapping. If
+        ``during`` raises, the result is still received (the channel stays in
+        step) and the exception is raised after it.
+        """
+        request = pb.StepRequest(region_id=region_id, entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries])
+        with self._lock:
+            call_id = self.channel.send_call(channel_pb2.Call(step=request))
+            try:
+                during()
+            finally:
+                result = self.channel.wait_result(call_id)
+                fds: list[int] = []
+                if result.WhichOneof("result") == "grant" and result.grant.grant_seq:
+                    fds = self.channel.receive_pages(result.grant.grant_seq, result.grant.fd_count)
+            if result.WhichOneof("result") == "error":
+                _close_all(fds)
+            return self._checked(result).grant, fds
 
     def _granted(self, method, request, field: str) -> tuple[pb.GrantReply, list[int]]:
         with self._lock:
