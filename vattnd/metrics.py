@@ -38,6 +38,10 @@ class PoolCollector(Collector):
             "vattnd_pool_pages", "Pages of the device's pool by state (free or used).",
             labels=["device", "name", "state"],
         )
+        spare = GaugeMetricFamily(
+            "vattnd_pool_spare_pages", "Used pages held by regions ahead of need (prefetched).",
+            labels=["device", "name"],
+        )
         used_bytes = GaugeMetricFamily(
             "vattnd_pool_used_bytes", "Bytes of the device's pool granted to sessions.", labels=["device", "name"]
         )
@@ -47,8 +51,10 @@ class PoolCollector(Collector):
             pages.add_metric([d, n, "free"], dev.pages_free)
             pages.add_metric([d, n, "used"], dev.pages_used)
             used_bytes.add_metric([d, n], dev.pages_used * snap.page_size)
+            spare.add_metric([d, n], dev.pages_spare)
         yield size
         yield pages
+        yield spare
         yield used_bytes
         yield GaugeMetricFamily("vattnd_pool_page_size_bytes", "Size of one physical page.", value=snap.page_size)
         sessions = GaugeMetricFamily(

@@ -114,7 +114,7 @@ def stats_dict(reply) -> dict:
         "uptime_seconds": round(reply.uptime_seconds, 3),
         "pools": [
             {"device": p.device, "name": p.name, "page_size": p.page_size, "pages_total": p.pages_total,
-             "pages_used": p.pages_used, "pages_free": p.pages_free}
+             "pages_used": p.pages_used, "pages_free": p.pages_free, "pages_spare": p.pages_spare}
             for p in reply.pools
         ],
         "sessions": [
@@ -176,12 +176,12 @@ def stats(socket_path, as_json) -> None:
 
     console = Console()
     pools = Table(title="Pools", title_justify="left")
-    for col in ("device", "name", "page size", "total", "used", "free", "used %"):
+    for col in ("device", "name", "page size", "total", "used", "spare", "free", "used %"):
         pools.add_column(col, justify="right" if col not in ("name",) else "left")
     for p in reply.pools:
         pct = 100.0 * p.pages_used / p.pages_total if p.pages_total else 0.0
         pools.add_row(str(p.device), p.name, _size(p.page_size), f"{p.pages_total} ({_size(p.pages_total * p.page_size)})",
-                      str(p.pages_used), str(p.pages_free), f"{pct:.1f}")
+                      str(p.pages_used), str(p.pages_spare), str(p.pages_free), f"{pct:.1f}")
     console.print(pools)
     sessions = Table(title="Sessions", title_justify="left")
     for col in ("id", "pid", "uid", "name", "regions", "pages", "memory", "age"):

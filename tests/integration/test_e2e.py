@@ -220,6 +220,7 @@ def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
                           prefetch_pages=4)  # 4 tensors: one grow of one page per tensor
     assert len(cache.layout.spare_page_ids) == 4
     assert daemon.used_pages() == 4  # held ahead of need, counted as this session's
+    assert daemon.stats().pools[0].pages_spare == 4
     spares = list(cache.layout.spare_page_ids)
     slot = cache.alloc()
     reply, fds = pool.session.grow(cache.region_id, slot, 256)  # by hand, to see the reply
@@ -233,6 +234,6 @@ def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
     cache.k[0][slot, 256:600] = 6.0
     assert torch.all(cache.k[0][slot, 256:600] == 6.0)
     cache.free(slot)
-    assert daemon.used_pages() == 4
+    assert daemon.used_pages() == 4 == daemon.stats().pools[0].pages_spare
     cache.close()
     assert daemon.used_pages() == 0

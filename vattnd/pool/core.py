@@ -165,6 +165,7 @@ class DeviceUsage:
     device: int
     pages_total: int
     pages_free: int
+    pages_spare: int = 0
 
     @property
     def pages_used(self) -> int:
@@ -278,10 +279,13 @@ class PoolCore:
         return region
 
     def snapshot(self) -> Snapshot:
+        spare: dict[int, int] = {}
+        for region in self._regions.values():
+            spare[region.device] = spare.get(region.device, 0) + len(region.spare)
         return Snapshot(
             page_size=self.page_size,
             devices=tuple(
-                DeviceUsage(d, self._total[d], len(self._free[d])) for d in self.devices
+                DeviceUsage(d, self._total[d], len(self._free[d]), spare.get(d, 0)) for d in self.devices
             ),
             sessions=tuple(
                 SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions))

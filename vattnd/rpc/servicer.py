@@ -93,6 +93,7 @@ class PoolServicer(pb_grpc.PoolServicer):
             pb.DevicePool(
                 device=d.device, name=self.device_names.get(d.device, ""), pages_total=d.pages_total,
                 pages_free=d.pages_free, pages_used=d.pages_used, page_size=snap.page_size,
+                pages_spare=d.pages_spare,
             )
             for d in snap.devices
         ]

@@ -210,20 +210,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DevicePool(_message.Message):
-    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size")
+    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size", "pages_spare")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     PAGES_USED_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SPARE_FIELD_NUMBER: _ClassVar[int]
     device: int
     name: str
     pages_total: int
     pages_free: int
     pages_used: int
     page_size: int
-    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    pages_spare: int
+    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "pid", "uid", "gid", "name", "pages", "regions", "age_seconds")
