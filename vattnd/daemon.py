@@ -40,6 +40,7 @@ DEFAULT_HOST_POOL = 1 << 30  # 1 GiB: memfd pages cost nothing until written
 # activations. Operators size the pool with --pool-size.
 DEFAULT_GPU_SHARE = 0.5
 BRING_UP_CHUNK = 256
+PROGRESS_EVERY_S = 0.5
 
 
 class StartupError(RuntimeError):
@@ -206,6 +207,7 @@ class Daemon:
 
     def _bring_up_device(self, device: int, wanted: int) -> None:
         done = 0
+        started = last_log = time.monotonic()
         try:
             while done < wanted and not self._stopped.is_set():
                 count = min(BRING_UP_CHUNK, wanted - done)
@@ -213,6 +215,11 @@ class Daemon:
                 done += count
                 if self.config.on_progress is not None:
                     self.config.on_progress(device, done, wanted)
+                now = time.monotonic()
+                if now - last_log >= PROGRESS_EVERY_S and done < wanted:
+                    last_log = now
+                    log.info("device %d: %d of %d pages ready (%.0f%%, %.0f pages/s)", device, done, wanted,
+                             100.0 * done / wanted, done / (now - started))
         except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
             log.error("pool bring-up failed on device %d after %d of %d pages: %s", device, done, wanted, exc)
             self._bring_up_error = exc
