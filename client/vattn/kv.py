@@ -87,14 +87,27 @@ class KVCache:
                 mapper.free(base, layout.tensor_bytes)
             raise
         elem = torch.empty((), dtype=dtype).element_size()
-        shape = (g.max_batch, g.max_context, g.num_kv_heads, g.head_dim)
-        strides = (self._stride // elem, g.num_kv_heads * g.head_dim, g.head_dim, 1)
-        tensors = [
-            raw_tensor(mapper.device, base, layout.tensor_bytes).view(dtype).as_strided(shape, strides)
-            for base in self._bases
-        ]
-        self.k: list[torch.Tensor] = tensors[0::2]
-        self.v: list[torch.Tensor] = tensors[1::2]
+        heads, dim = g.num_kv_heads, g.head_dim
+        self.all_layers = g.layout == pb.LAYOUT_ALL_LAYERS
+        if self.all_layers:
+            # One tensor [batch, context, layers, 2, heads, dim]; K and V of a
+            # layer are views with a token stride of layers x 2 x heads x dim.
+            shape = (g.max_batch, g.max_context, g.num_layers, 2, heads, dim)
+            strides = (self._stride // elem, g.num_layers * 2 * heads * dim, 2 * heads * dim, heads * dim, dim, 1)
+            self.kv = raw_tensor(mapper.device, self._bases[0], layout.tensor_bytes).view(dtype).as_strided(
+                shape, strides)
+            self.k: list[torch.Tensor] = [self.kv[:, :, layer, 0] for layer in range(g.num_layers)]
+            self.v: list[torch.Tensor] = [self.kv[:, :, layer, 1] for layer in range(g.num_layers)]
+        else:
+            shape = (g.max_batch, g.max_context, heads, dim)
+            strides = (self._stride // elem, heads * dim, dim, 1)
+            tensors = [
+                raw_tensor(mapper.device, base, layout.tensor_bytes).view(dtype).as_strided(shape, strides)
+                for base in self._bases
+            ]
+            self.kv = None
+            self.k = tensors[0::2]
+            self.v = tensors[1::2]
         # Pages per tensor mapped under each slot, and the tokens they cover.
         self._pages = [0] * g.max_batch
         self._capacity = [0] * g.max_batch
@@ -277,7 +290,7 @@ class KVCache:
         if self.closed:
             return
         self.closed = True
-        self.k, self.v = [], []
+        self.k, self.v, self.kv = [], [], None
         for base in self._bases:
             self._mapper.free(base, self.layout.tensor_bytes)
         self._bases = []

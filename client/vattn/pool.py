@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from vattn.kv import KVCache
 
 
+LAYOUTS = {"per_layer": pb.LAYOUT_PER_LAYER, "all_layers": pb.LAYOUT_ALL_LAYERS}
+
+
 class Pool:
     """A worker's connection to vattnd. Close it (or use ``with``) when done;
     if the process dies instead, the daemon takes its pages back anyway."""
@@ -31,13 +34,16 @@ class Pool:
 
     def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
                  max_context: int, dtype: "torch.dtype | None" = None, device: int = 0,
-                 prefetch_pages: int | None = None) -> "KVCache":
+                 prefetch_pages: int | None = None, layout: str = "per_layer") -> "KVCache":
         """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
 
         ``device`` is the index of the GPU whose pool backs it (0 on host).
         ``prefetch_pages`` spare pages are held ahead of need and imported in
         the background, so a grow that uses them skips the import; default:
         one page per K/V tensor on CUDA, none on host (where import is free).
+        ``layout``: ``"per_layer"`` (a K and a V tensor per layer) or
+        ``"all_layers"`` (one tensor [batch, context, layers, 2, heads, dim],
+        a page spans every layer: at most one partly used page per request).
         """
         import torch
 
@@ -51,10 +57,14 @@ class Pool:
                             ("prefetch_pages", prefetch_pages or 0)):
             if not isinstance(value, int) or value < 0 or value >= 1 << 32:
                 raise InvalidArgument(f"{name} must be a non-negative 32-bit integer, not {value!r}")
+        if layout not in LAYOUTS:
+            raise InvalidArgument(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         geometry = pb.Geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                               dtype=DTYPES[dtype], max_batch=max_batch, max_context=max_context)
+                               dtype=DTYPES[dtype], max_batch=max_batch, max_context=max_context,
+                               layout=LAYOUTS[layout])
         if prefetch_pages is None:
-            prefetch_pages = 2 * num_layers if self.info.backend == pb.BACKEND_CUDA else 0
+            tensors = 1 if layout == "all_layers" else 2 * num_layers
+            prefetch_pages = tensors if self.info.backend == pb.BACKEND_CUDA else 0
         layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
         try:
             cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds)

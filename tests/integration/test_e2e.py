@@ -237,3 +237,44 @@ def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
     assert daemon.used_pages() == 4 == daemon.stats().pools[0].pages_spare
     cache.close()
     assert daemon.used_pages() == 0
+
+
+def test_all_layers_layout_wastes_at_most_one_page(pool, daemon):
+    layers, heads, dim = 4, 2, 64  # 4 x 2 x 2 x 64 x 2 B = 2 KiB per token: 32 tokens per 64 KiB page
+    cache = pool.kv_cache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=3, max_context=1000,
+                          layout="all_layers")
+    assert cache.layout.num_tensors == 1 and cache.layout.token_bytes == 2048
+    assert cache.kv.shape == (3, 1000, layers, 2, heads, dim)
+    assert all(t.shape == (3, 1000, heads, dim) for t in cache.k + cache.v)
+    slot = cache.alloc()
+    cache.grow(slot, 100)  # 100 tokens -> 4 pages, one of them partly used
+    assert daemon.used_pages() == 4 and cache.capacity(slot) == 128
+    waste = cache.pages(slot) * cache.page_size - 100 * cache.layout.token_bytes
+    assert 0 <= waste < cache.page_size
+    for layer in range(layers):
+        cache.k[layer][slot, :100] = layer
+        cache.v[layer][slot, :100] = -layer
+    assert torch.equal(cache.kv[slot, :100, :, 0], torch.arange(layers, dtype=torch.float16).view(1, layers, 1, 1)
+                       .expand(100, layers, heads, dim))
+    cache.step({slot: 1000, 1: 33})  # to the end; a second slot
+    assert daemon.used_pages() == 32 + 2
+    assert torch.all(cache.v[3][slot, :100] == -3)
+    cache.free(slot)
+    cache.free(1)
+    assert daemon.used_pages() == 0
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "all_layers"])
+def test_attention_on_both_layouts_equals_ordinary_tensors(pool, layout):
+    torch.manual_seed(1)
+    cache = pool.kv_cache(num_layers=3, num_kv_heads=2, head_dim=32, max_batch=2, max_context=512,
+                          dtype=torch.float32, layout=layout)
+    cache.step({0: 300, 1: 300})
+    for layer in range(3):
+        cache.k[layer][:, :300] = torch.randn(2, 300, 2, 32)
+        cache.v[layer][:, :300] = torch.randn(2, 300, 2, 32)
+    q = torch.randn(2, 4, 7, 32)
+    for layer in range(3):
+        k, v = cache.k[layer][:, :300].transpose(1, 2), cache.v[layer][:, :300].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k.contiguous(), v.contiguous(), enable_gqa=True))

@@ -59,6 +59,8 @@ class Geometry:
     dtype_size: int
     max_batch: int
     max_context: int
+    # One tensor holding every layer's K and V per token (see vattn.proto's Layout).
+    all_layers: bool = False
 
     def validate(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -80,11 +82,12 @@ class Geometry:
 
     @property
     def num_tensors(self) -> int:
-        return 2 * self.num_layers
+        return 1 if self.all_layers else 2 * self.num_layers
 
     @property
     def token_bytes(self) -> int:
-        return self.num_kv_heads * self.head_dim * self.dtype_size
+        per_tensor = self.num_kv_heads * self.head_dim * self.dtype_size
+        return per_tensor * 2 * self.num_layers if self.all_layers else per_tensor
 
 
 @dataclass(slots=True)

@@ -120,7 +120,11 @@ class PoolServicer(pb_grpc.PoolServicer):
                 f"geometry.dtype {g.dtype} is not a known DType: set one of "
                 + ", ".join(pb.DType.Name(k) for k in DTYPE_SIZES)
             )
-        geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, size, g.max_batch, g.max_context)
+        if g.layout not in (pb.LAYOUT_PER_LAYER, pb.LAYOUT_ALL_LAYERS):
+            raise InvalidArgument(f"geometry.layout {g.layout} is not a known Layout: use LAYOUT_PER_LAYER or "
+                                  "LAYOUT_ALL_LAYERS")
+        geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, size, g.max_batch, g.max_context,
+                            all_layers=g.layout == pb.LAYOUT_ALL_LAYERS)
         region, seq, spares = self.service.register_region(request.session_token, geometry, request.device,
                                                    request.spare_pages)
         layout = _layout(region, g)

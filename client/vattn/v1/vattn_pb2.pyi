@@ -22,6 +22,11 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_UNSPECIFIED: _ClassVar[Backend]
     BACKEND_HOST: _ClassVar[Backend]
     BACKEND_CUDA: _ClassVar[Backend]
+
+class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYOUT_PER_LAYER: _ClassVar[Layout]
+    LAYOUT_ALL_LAYERS: _ClassVar[Layout]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
@@ -32,6 +37,8 @@ DTYPE_INT8: DType
 BACKEND_UNSPECIFIED: Backend
 BACKEND_HOST: Backend
 BACKEND_CUDA: Backend
+LAYOUT_PER_LAYER: Layout
+LAYOUT_ALL_LAYERS: Layout
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -54,20 +61,22 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., page_size: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DevicePool, _Mapping]]] = ..., channel_path: _Optional[str] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class Geometry(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "max_batch", "max_context")
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "max_batch", "max_context", "layout")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: DType
     max_batch: int
     max_context: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+    layout: Layout
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
     __slots__ = ("session_token", "geometry", "device", "spare_pages")
