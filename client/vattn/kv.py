@@ -9,6 +9,7 @@ engines grow before they write, as with any KV cache.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import itertools
 import os
@@ -66,7 +67,7 @@ class KVCache:
     """
 
     def __init__(self, session: Session, layout: pb.RegionLayout, mapper: Mapper, dtype: torch.dtype,
-                 spare_fds: list[int] = ()):
+                 spare_fds: list[int] = (), ahead_pages: int = 0):
         self._session = session
         self._mapper = mapper
         self.layout = layout
@@ -115,12 +116,18 @@ class KVCache:
         self.closed = False
         # Spare pages held ahead of need, oldest first: the order the daemon
         # takes them in, so a grow covered by spares is known in advance.
+        # Eager allocation: a grow maps this many pages beyond what it needs.
+        self.ahead_pages = ahead_pages
+        # step_async runs on one background thread; every other call waits for it first.
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
         self._spares: collections.deque[int] = collections.deque()
         self._add_spares(layout.spare_page_ids, spare_fds)
 
     # ----- slots -----------------------------------------------------------
     def alloc(self) -> int:
         """Claims a free slot (the lowest) for a new request."""
+        self.wait()
         for slot, used in enumerate(self._in_use):
             if not used:
                 self._in_use[slot] = True
@@ -145,12 +152,39 @@ class KVCache:
 
     def grow(self, slot: int, tokens: int) -> None:
         """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can."""
+        if self._pending is not None:
+            self.wait()
         if 0 <= slot < self.max_batch and tokens <= self._capacity[slot]:
             return
         self._grant({slot: tokens}.items(), single=True)
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
+        if self._pending is not None:
+            self.wait()
+        self._step(targets)
+
+    def step_async(self, targets: Mapping[int, int]) -> concurrent.futures.Future:
+        """``step`` on a background thread, for the next iteration while this one computes.
+
+        Returns a Future; call ``wait()`` (or ``result()`` on it) before the
+        kernels of the iteration that needs the pages run. Any other call on
+        this cache waits for it first. Errors surface from ``wait()``.
+        """
+        if self._pending is not None:
+            self.wait()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-step")
+        self._pending = self._executor.submit(self._step, dict(targets))
+        return self._pending
+
+    def wait(self) -> None:
+        """Waits for an outstanding ``step_async``; raises its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _step(self, targets: Mapping[int, int]) -> None:
         capacity = self._capacity
         needy = [
             (slot, tokens) for slot, tokens in targets.items()
@@ -185,6 +219,10 @@ class KVCache:
 
     def _grant(self, entries, single: bool) -> None:
         entries = list(entries)
+        if self.ahead_pages:
+            ahead = self.ahead_pages * self.page_size // self._token_bytes
+            entries = [(slot, min(tokens + ahead, self.max_context)) if 0 <= tokens <= self.max_context
+                       else (slot, tokens) for slot, tokens in entries]
         if self._mapper.overlap_spares and self._session.transport == "channel":
             plan = self._plan(entries)
             if plan is not None:
@@ -261,6 +299,7 @@ class KVCache:
 
     def shrink(self, slot: int, tokens: int) -> None:
         """Keeps the pages ``tokens`` tokens need and returns the rest to the pool."""
+        self.wait()
         if not 0 <= slot < self.max_batch:
             raise OutOfRange(f"slot {slot} is outside region {self.region_id}'s slots 0..{self.max_batch - 1}")
         if tokens < 0:
@@ -289,6 +328,12 @@ class KVCache:
         """Unmaps everything and releases the region. ``k`` and ``v`` become empty."""
         if self.closed:
             return
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - closing anyway; the error was the step's
+            pass
+        if self._executor is not None:
+            self._executor.shutdown()
         self.closed = True
         self.k, self.v, self.kv = [], [], None
         for base in self._bases:

@@ -34,7 +34,8 @@ class Pool:
 
     def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
                  max_context: int, dtype: "torch.dtype | None" = None, device: int = 0,
-                 prefetch_pages: int | None = None, layout: str = "per_layer") -> "KVCache":
+                 prefetch_pages: int | None = None, layout: str = "per_layer",
+                 ahead_pages: int = 0) -> "KVCache":
         """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
 
         ``device`` is the index of the GPU whose pool backs it (0 on host).
@@ -44,6 +45,8 @@ class Pool:
         ``layout``: ``"per_layer"`` (a K and a V tensor per layer) or
         ``"all_layers"`` (one tensor [batch, context, layers, 2, heads, dim],
         a page spans every layer: at most one partly used page per request).
+        ``ahead_pages``: every grow maps this many pages per tensor beyond what
+        the tokens need (eager allocation: fewer, larger grows).
         """
         import torch
 
@@ -54,7 +57,7 @@ class Pool:
             raise InvalidArgument(f"dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("max_batch", max_batch), ("max_context", max_context), ("device", device),
-                            ("prefetch_pages", prefetch_pages or 0)):
+                            ("prefetch_pages", prefetch_pages or 0), ("ahead_pages", ahead_pages)):
             if not isinstance(value, int) or value < 0 or value >= 1 << 32:
                 raise InvalidArgument(f"{name} must be a non-negative 32-bit integer, not {value!r}")
         if layout not in LAYOUTS:
@@ -67,7 +70,7 @@ class Pool:
             prefetch_pages = tensors if self.info.backend == pb.BACKEND_CUDA else 0
         layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
         try:
-            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds)
+            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages)
         except BaseException:
             for fd in spare_fds:
                 os.close(fd)

@@ -278,3 +278,28 @@ def test_attention_on_both_layouts_equals_ordinary_tensors(pool, layout):
         k, v = cache.k[layer][:, :300].transpose(1, 2), cache.v[layer][:, :300].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         assert torch.equal(out, F.scaled_dot_product_attention(q, k.contiguous(), v.contiguous(), enable_gqa=True))
+
+
+def test_eager_ahead_pages_and_async_step(pool, daemon):
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096,
+                          ahead_pages=2)  # 256 tokens per page
+    slot = cache.alloc()
+    cache.grow(slot, 10)  # needs 1 page, maps 1 + 2
+    assert cache.pages(slot) == 3 and cache.capacity(slot) == 768
+    cache.grow(slot, 700)  # covered: no call
+    assert daemon.used_pages() == 6
+    cache.grow(slot, 4000)  # capped at max_context
+    assert cache.pages(slot) == 16
+    # step_async grows on a background thread; wait() before using the pages.
+    fut = cache.step_async({1: 300, 2: 5})
+    cache.k[0][slot, :4000] = 1.0  # the current iteration goes on meanwhile
+    cache.wait()
+    assert fut.done() and cache.pages(1) == 4 and cache.pages(2) == 3
+    cache.k[0][1, :300] = 2.0
+    # Errors surface from wait(), and the next call waits for the step first.
+    cache.step_async({1: 5000})
+    with pytest.raises(vattn.OutOfRange):
+        cache.wait()
+    fut = cache.step_async({3: 1})
+    cache.free(3)  # waits for the step, then frees
+    assert fut.done() and cache.pages(3) == 0
