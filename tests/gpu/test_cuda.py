@@ -111,6 +111,25 @@ def test_attention_on_mapped_kv_equals_ordinary_tensors(gpu_pool, dtype):
     cache.close()
 
 
+@pytest.mark.parametrize("layout", ["per_layer", "all_layers"])
+def test_real_model_generates_the_same_tokens_on_gpu(gpu_pool, layout):
+    pytest.importorskip("transformers")
+    from tests.integration.test_hf import run_and_compare
+
+    run_and_compare(gpu_pool, "cuda:0", layout)
+
+
+def test_continuous_batching_example_on_gpu(gpu_daemon):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "examples/continuous_batching.py", "--socket", gpu_daemon.socket,
+                          "--requests", "24", "--max-batch", "8", "--layout", "all_layers"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "served 24 requests" in out.stdout and "pages in use now: 0" in out.stdout
+
+
 def test_killed_worker_pages_return(gpu_daemon):
     result = SPAWN.Queue()
     proc = SPAWN.Process(target=workers.hold, args=(gpu_daemon.socket, 1000, result, 0))
