@@ -100,9 +100,10 @@ def main() -> None:
             print(f"iteration {iteration}: {len(running)} running, {len(waiting)} waiting, "
                   f"{finished} finished, {used} pages in use")
     elapsed = time.perf_counter() - t0
+    device_pool = pool.stats().pools[0]
     print(f"served {finished} requests in {iteration} iterations, {elapsed:.2f} s; "
-          f"peak {peak_pages} pages ({peak_pages * cache.page_size / 2**20:.0f} MiB); "
-          f"pages in use now: {pool.stats().pools[0].pages_used}")
+          f"peak {peak_pages} pages in slots ({peak_pages * cache.page_size / 2**20:.0f} MiB); "
+          f"pages in slots now: {device_pool.pages_used - device_pool.pages_spare}")
     pool.close()
 
 

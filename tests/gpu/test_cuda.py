@@ -127,7 +127,7 @@ def test_continuous_batching_example_on_gpu(gpu_daemon):
                           "--requests", "24", "--max-batch", "8", "--layout", "all_layers"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "served 24 requests" in out.stdout and "pages in use now: 0" in out.stdout
+    assert "served 24 requests" in out.stdout and "pages in slots now: 0" in out.stdout
 
 
 def test_killed_worker_pages_return(gpu_daemon):

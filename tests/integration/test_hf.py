@@ -72,4 +72,4 @@ def test_continuous_batching_example_runs(daemon):
                           "--requests", "12", "--max-batch", "4", "--layers", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "served 12 requests" in out.stdout and "pages in use now: 0" in out.stdout
+    assert "served 12 requests" in out.stdout and "pages in slots now: 0" in out.stdout
