@@ -192,6 +192,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.regions: dict[int, tuple[int, int, Geometry]] = {}  # id -> (session, device, geometry)
         self.model: dict[tuple[int, int], int] = {}  # (region, slot) -> pages per tensor
         self.spares: dict[int, list[int]] = {}  # region -> [spares held, target]
+        self.idle: set[tuple[int, int]] = set()  # (region, slot) parked with pages
 
     def _pages_per_tensor(self, g: Geometry, tokens: int) -> int:
         return -(-tokens * g.token_bytes // PAGE)
@@ -275,6 +276,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         grant = self.core.step(sid, rid, entries)
         assert len(grant.page_ids) == want
+        self.idle -= {(rid, slot) for slot, _ in entries}
         from_spare = min(want, self.spares[rid][0])
         assert len(grant.fresh) == want - from_spare
         self.spares[rid][0] -= from_spare
@@ -298,6 +300,19 @@ class PoolMachine(RuleBasedStateMachine):
         assert keep == min(have, self._pages_per_tensor(g, tokens))
         assert len(released) == (have - keep) * g.num_tensors
         self.model[(rid, slot)] = keep
+        if keep == 0:
+            self.idle.discard((rid, slot))
+
+    @precondition(lambda self: self.regions)
+    @rule(data=st.data())
+    def park(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.regions)))
+        sid, _, g = self.regions[rid]
+        slot = data.draw(st.integers(0, g.max_batch - 1))
+        pages = self.core.park(sid, rid, slot)
+        assert pages == self.model.get((rid, slot), 0) * g.num_tensors
+        if pages:
+            self.idle.add((rid, slot))
 
     @precondition(lambda self: self.regions)
     @rule(data=st.data())
@@ -313,6 +328,14 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def conserved_and_single_owner(self):
         self.core.check_invariants()
+        self.idle = {(r, s) for r, s in self.idle if r in self.regions}
+        for device in self.PAGES:
+            expected: dict[int, int] = {}
+            for r, s in self.idle:
+                sid, dev, g = self.regions[r]
+                if dev == device:
+                    expected[sid] = expected.get(sid, 0) + self.model[(r, s)] * g.num_tensors
+            assert self.core.idle_by_session(device) == expected
         for device in self.PAGES:
             assert self.core.free_pages(device) == self._free(device)
         for sid in self.sessions:

@@ -106,6 +106,13 @@ class Region:
     # Pages held ahead of need (oldest first) and how many to keep.
     spare: list[PageId] = field(default_factory=list)
     spare_target: int = 0
+    # Slots whose request finished but whose pages the worker keeps mapped
+    # for the next request (deferred reclamation). Advisory: the worker, which
+    # knows which slots it reused, decides what to give back when asked.
+    idle: set[int] = field(default_factory=set)
+
+    def idle_pages(self) -> int:
+        return sum(len(self.slots[slot]) for slot in self.idle)
 
     @property
     def tensor_bytes(self) -> int:
@@ -169,6 +176,7 @@ class DeviceUsage:
     pages_total: int
     pages_free: int
     pages_spare: int = 0
+    pages_idle: int = 0
 
     @property
     def pages_used(self) -> int:
@@ -283,12 +291,15 @@ class PoolCore:
 
     def snapshot(self) -> Snapshot:
         spare: dict[int, int] = {}
+        idle: dict[int, int] = {}
         for region in self._regions.values():
             spare[region.device] = spare.get(region.device, 0) + len(region.spare)
+            idle[region.device] = idle.get(region.device, 0) + region.idle_pages()
         return Snapshot(
             page_size=self.page_size,
             devices=tuple(
-                DeviceUsage(d, self._total[d], len(self._free[d]), spare.get(d, 0)) for d in self.devices
+                DeviceUsage(d, self._total[d], len(self._free[d]), spare.get(d, 0), idle.get(d, 0))
+                for d in self.devices
             ),
             sessions=tuple(
                 SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions))
@@ -417,6 +428,7 @@ class PoolCore:
             if slot in seen:
                 raise InvalidArgument(f"slot {slot} appears twice in one step; give each slot once")
             seen.add(slot)
+            region.idle.discard(slot)  # a slot being grown serves a request again
             have = len(region.slots[slot]) // num_tensors
             need = region.pages_for(tokens)
             if need > have:
@@ -468,9 +480,32 @@ class PoolCore:
         cut = keep * region.num_tensors
         released = pages[cut:]
         del pages[cut:]
+        if not pages:
+            region.idle.discard(slot)
         self._free[region.device].extend(reversed(released))
         self._sessions[region.session].pages -= len(released)
         return keep, released
+
+    def park(self, sid: int, region_id: int, slot: int) -> int:
+        """Marks ``slot`` idle: its request finished, its pages stay mapped for the next one.
+
+        Returns the slot's pages. A slot without pages is not marked.
+        """
+        region = self.region(sid, region_id)
+        self._check_slot(region, slot)
+        if region.slots[slot]:
+            region.idle.add(slot)
+        return len(region.slots[slot])
+
+    def idle_by_session(self, device: int) -> dict[SessionId, int]:
+        """Idle pages on ``device`` per session that has some (whom to ask when short)."""
+        out: dict[SessionId, int] = {}
+        for region in self._regions.values():
+            if region.device == device and region.idle:
+                pages = region.idle_pages()
+                if pages:
+                    out[region.session] = out.get(region.session, 0) + pages
+        return out
 
     # ----- checking --------------------------------------------------------
     def owners(self) -> dict[PageId, tuple[SessionId, RegionId, int]]:
@@ -515,6 +550,8 @@ class PoolCore:
                     raise AssertionError(f"region {region.id} slot {slot}: over max_context")
                 if any(self.device_of(p) != region.device for p in pages):
                     raise AssertionError(f"region {region.id}: page from another device")
+            if any(not region.slots[slot] for slot in region.idle):
+                raise AssertionError(f"region {region.id}: an idle slot holds no pages")
             if len(region.spare) > region.spare_target:
                 raise AssertionError(f"region {region.id}: {len(region.spare)} spares over target {region.spare_target}")
             if any(self.device_of(p) != region.device for p in region.spare):
