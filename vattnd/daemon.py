@@ -156,8 +156,9 @@ class Daemon:
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
         rpc_metrics = RpcMetrics(self.registry)
+        self.fastpath = FastPath(service, rpc_metrics)
         self.channel = ChannelServer(chan, service.open_session, service.close_session,
-                                     FastPath(service, rpc_metrics), cfg.socket_mode)
+                                     self.fastpath, cfg.socket_mode)
 
         if cfg.metrics_port is not None:
             self.registry.register(PoolCollector(service.snapshot, names, lambda: service.sessions_opened))
@@ -250,6 +251,7 @@ class Daemon:
         if self.channel is not None:
             self.channel.stop()
             self.channel = None
+            self.fastpath.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

@@ -42,6 +42,11 @@ class PoolCollector(Collector):
             "vattnd_pool_spare_pages", "Used pages held by regions ahead of need (prefetched).",
             labels=["device", "name"],
         )
+        idle = GaugeMetricFamily(
+            "vattnd_pool_idle_pages",
+            "Used pages in slots whose request finished, kept mapped for the next one (reclaimable).",
+            labels=["device", "name"],
+        )
         used_bytes = GaugeMetricFamily(
             "vattnd_pool_used_bytes", "Bytes of the device's pool granted to sessions.", labels=["device", "name"]
         )
@@ -52,9 +57,11 @@ class PoolCollector(Collector):
             pages.add_metric([d, n, "used"], dev.pages_used)
             used_bytes.add_metric([d, n], dev.pages_used * snap.page_size)
             spare.add_metric([d, n], dev.pages_spare)
+            idle.add_metric([d, n], dev.pages_idle)
         yield size
         yield pages
         yield spare
+        yield idle
         yield used_bytes
         yield GaugeMetricFamily("vattnd_pool_page_size_bytes", "Size of one physical page.", value=snap.page_size)
         sessions = GaugeMetricFamily(

@@ -15,12 +15,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from vattn.errors import Unauthenticated, Unavailable
+from vattn.errors import ResourceExhausted, Unauthenticated, Unavailable
+from vattn.v1 import channel_pb2
 from vattnd.backends.base import PageBackend
 from vattnd.channel.server import ChannelBroken, Connection
 from vattnd.pool.core import EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Snapshot
 
 log = logging.getLogger(__name__)
+
+# How long a grant waits for idle pages that other sessions were asked to return.
+RECLAIM_WAIT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -37,6 +41,9 @@ class PoolService:
         self.backend = backend
         self.clock = clock
         self.lock = threading.Lock()
+        # Notified whenever pages return to a pool: grants waiting for reclaimed pages retry.
+        self._released = threading.Condition(self.lock)
+        self.reclaims_asked = 0
         # fd of every page, indexed by page id (the backend owns them).
         self.fds: list[int] = []
         self._by_token: dict[str, SessionHandle] = {}
@@ -71,6 +78,7 @@ class PoolService:
                 return
             del self._by_token[handle.token]
             released = self.core.close_session(handle.session_id)
+            self._released.notify_all()
             self.sessions_closed += 1
         log.info(
             "session %d (pid %d) closed; %d pages returned to the pool",
@@ -124,20 +132,81 @@ class PoolService:
     def release_region(self, token: str, region_id: int) -> int:
         handle = self._handle(token)
         with self.lock:
-            return len(self.core.release_region(handle.session_id, region_id))
+            released = self.core.release_region(handle.session_id, region_id)
+            if released:
+                self._released.notify_all()
+            return len(released)
 
     # ----- the hot path ----------------------------------------------------
     def grant(self, token: str, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
         """Grows slots and sends the new pages' fds; returns (grant_seq, grant)."""
         return self.grant_to(self._handle(token), region_id, entries)
 
-    def grant_to(self, handle: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
+    def grant_to(self, handle: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]],
+                 wait: float = RECLAIM_WAIT_S) -> tuple[int, Grant]:
+        """Grows slots and sends the new pages' fds.
+
+        If the pool is short and other sessions hold idle pages, asks them to
+        give pages back and waits up to ``wait`` seconds for enough to return
+        (``wait=0``: raise ResourceExhausted at once).
+        """
         with handle.conn.send_lock:
+            deadline = None
             with self.lock:
-                grant = self.core.step(handle.session_id, region_id, entries)
+                while True:
+                    try:
+                        grant = self.core.step(handle.session_id, region_id, entries)
+                        break
+                    except ResourceExhausted as exc:
+                        now = time.monotonic()
+                        if deadline is None:
+                            device = self.core.region(handle.session_id, region_id).device
+                            asks = self._reclaim_targets(device, handle.session_id, exc.shortfall)
+                            if not asks or wait <= 0:
+                                raise
+                            deadline = now + wait
+                            self.lock.release()
+                            try:
+                                self._ask_back(device, asks)
+                            finally:
+                                self.lock.acquire()
+                            continue
+                        if now >= deadline:
+                            raise
+                        self._released.wait(deadline - now)
             if grant is EMPTY_GRANT:
                 return 0, grant
             return self._send(handle, grant.fd_pages), grant
+
+    def needs_reclaim(self, handle: SessionHandle, region_id: int) -> bool:
+        """Whether a grant that just failed for want of pages could wait for idle pages."""
+        with self.lock:
+            device = self.core.region(handle.session_id, region_id).device
+            return bool(self._reclaim_targets(device, handle.session_id))
+
+    def _reclaim_targets(self, device: int, requester: int, shortfall: int = 1) -> list[tuple[Connection, int]]:
+        """(connection, pages to ask for) of other sessions holding idle pages on ``device``,
+        most idle first, until ``shortfall`` is covered."""
+        by_id = {h.session_id: h for h in self._by_conn.values()}
+        idle = sorted(((pages, sid) for sid, pages in self.core.idle_by_session(device).items()
+                       if sid != requester and sid in by_id), reverse=True)
+        asks = []
+        for pages, sid in idle:
+            if shortfall <= 0:
+                break
+            asks.append((by_id[sid].conn, min(pages, shortfall)))
+            shortfall -= pages
+        return asks
+
+    def _ask_back(self, device: int, asks: list[tuple[Connection, int]]) -> None:
+        for conn, pages in asks:
+            self.reclaims_asked += 1
+            try:
+                conn.send_message(channel_pb2.ChannelMessage(
+                    reclaim=channel_pb2.ReclaimRequest(device=device, pages=pages)))
+            except ChannelBroken:
+                pass  # that session is ending: its pages come back anyway
+        log.info("pool of device %d short: asked %d sessions for idle pages", device, len(asks))
 
     def shrink(self, token: str, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
         return self.shrink_of(self._handle(token), region_id, slot, tokens)
@@ -145,7 +214,19 @@ class PoolService:
     def shrink_of(self, handle: SessionHandle, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
         with self.lock:
             keep, released = self.core.shrink(handle.session_id, region_id, slot, tokens)
+            if released:
+                self._released.notify_all()
         return keep, len(released)
+
+    def park(self, token: str, region_id: int, slot: int) -> int:
+        return self.park_of(self._handle(token), region_id, slot)
+
+    def park_of(self, handle: SessionHandle, region_id: int, slot: int) -> int:
+        """Free with keep_pages: the slot's pages stay the session's, marked idle."""
+        with self.lock:
+            pages = self.core.park(handle.session_id, region_id, slot)
+            region = self.core.region(handle.session_id, region_id)
+            return region.slot_pages_per_tensor(slot) if pages else 0
 
     # ----- observing -------------------------------------------------------
     def snapshot(self) -> Snapshot:

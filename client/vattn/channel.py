@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import array
+import collections
 import os
+import select
 import socket
 
 from vattn.errors import Internal, Unavailable
@@ -26,6 +28,8 @@ class ClientChannel:
         self._buf = bytearray(MAX_DATAGRAM)
         # Page batches that arrived ahead of the call waiting for them, by grant_seq.
         self._early: dict[int, list[tuple[int, list[int]]]] = {}
+        # Unsolicited requests from the daemon to give idle pages back.
+        self.reclaims: collections.deque = collections.deque()
         self._call_id = 0
         try:
             self.sock.connect(path)
@@ -68,7 +72,18 @@ class ClientChannel:
             raise Internal(f"a message from vattnd was larger than {MAX_DATAGRAM} bytes")
         return channel_pb2.ChannelMessage.FromString(bytes(memoryview(self._buf)[:size])), fds
 
+    def poll(self) -> None:
+        """Reads whatever the daemon sent unasked (reclaim requests) without blocking."""
+        # select, not MSG_DONTWAIT: a socket with a timeout waits out EAGAIN.
+        while select.select([self.sock], [], [], 0)[0]:
+            msg, fds = self._receive()
+            self._stash(msg, fds)
+
     def _stash(self, msg: channel_pb2.ChannelMessage, fds: list[int]) -> None:
+        if msg.WhichOneof("kind") == "reclaim":
+            _close_all(fds)
+            self.reclaims.append(msg.reclaim)
+            return
         batch = msg.pages
         if msg.WhichOneof("kind") != "pages" or batch.count != len(fds):
             _close_all(fds)
@@ -103,7 +118,7 @@ class ClientChannel:
         while got < count:
             msg, fds = self._receive()
             self._stash(msg, fds)
-            if msg.pages.grant_seq == grant_seq:
+            if msg.WhichOneof("kind") == "pages" and msg.pages.grant_seq == grant_seq:
                 got += len(fds)
         parts = sorted(self._early.pop(grant_seq, []), key=lambda p: p[0])
         if len(parts) == 1:

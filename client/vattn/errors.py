@@ -52,6 +52,8 @@ class ResourceExhausted(VattnError):
     """The pool has too few free pages for the request."""
 
     code = "RESOURCE_EXHAUSTED"
+    # Pages missing, where the pool core knows (the daemon asks idle sessions for them).
+    shortfall = 0
 
 
 class Unavailable(VattnError):

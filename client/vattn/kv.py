@@ -13,6 +13,7 @@ import concurrent.futures
 import ctypes
 import itertools
 import os
+import threading
 from typing import Mapping
 
 import torch
@@ -67,7 +68,7 @@ class KVCache:
     """
 
     def __init__(self, session: Session, layout: pb.RegionLayout, mapper: Mapper, dtype: torch.dtype,
-                 spare_fds: list[int] = (), ahead_pages: int = 0):
+                 spare_fds: list[int] = (), ahead_pages: int = 0, keep_freed: bool = False):
         self._session = session
         self._mapper = mapper
         self.layout = layout
@@ -118,6 +119,13 @@ class KVCache:
         # takes them in, so a grow covered by spares is known in advance.
         # Eager allocation: a grow maps this many pages beyond what it needs.
         self.ahead_pages = ahead_pages
+        # Deferred reclamation: free() keeps a slot's pages mapped for the next
+        # request; the daemon may ask for them back (release_idle).
+        self.keep_freed = keep_freed
+        self._idle: set[int] = set()
+        self.device_index = layout.device
+        # Guards the slot state against the reclaim listener and step_async.
+        self._lock = threading.RLock()
         # step_async runs on one background thread; every other call waits for it first.
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
@@ -125,17 +133,33 @@ class KVCache:
         self._add_spares(layout.spare_page_ids, spare_fds)
 
     # ----- slots -----------------------------------------------------------
-    def alloc(self) -> int:
-        """Claims a free slot (the lowest) for a new request."""
+    def alloc(self, tokens: int = 0) -> int:
+        """Claims a free slot for a new request of about ``tokens`` tokens.
+
+        Best fit over freed slots that kept their pages (``keep_freed``): of
+        the slots whose pages the request will fill, the one with the most;
+        failing that, the one with the fewest pages; ties go to the lowest
+        slot. Without kept pages: the lowest free slot.
+        """
         self.wait()
-        for slot, used in enumerate(self._in_use):
-            if not used:
-                self._in_use[slot] = True
-                return slot
-        raise ResourceExhausted(
-            f"all {self.max_batch} slots of region {self.region_id} are in use: free one, "
-            "or register a region with a larger max_batch"
-        )
+        with self._lock:
+            need = -(-max(0, tokens) * self._token_bytes // self.page_size)
+            best, best_key = -1, None
+            for slot, used in enumerate(self._in_use):
+                if used:
+                    continue
+                pages = self._pages[slot]
+                key = (0, -pages) if pages <= need else (1, pages)
+                if best_key is None or key < best_key:
+                    best, best_key = slot, key
+            if best < 0:
+                raise ResourceExhausted(
+                    f"all {self.max_batch} slots of region {self.region_id} are in use: free one, "
+                    "or register a region with a larger max_batch"
+                )
+            self._in_use[best] = True
+            self._idle.discard(best)
+            return best
 
     def capacity(self, slot: int) -> int:
         """Tokens slot ``slot`` can hold without another grow."""
@@ -156,7 +180,8 @@ class KVCache:
             self.wait()
         if 0 <= slot < self.max_batch and tokens <= self._capacity[slot]:
             return
-        self._grant({slot: tokens}.items(), single=True)
+        with self._lock:
+            self._grant({slot: tokens}.items(), single=True)
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
@@ -191,7 +216,8 @@ class KVCache:
             if not (0 <= slot < self.max_batch and tokens <= capacity[slot])
         ]
         if needy:
-            self._grant(needy, single=False)
+            with self._lock:
+                self._grant(needy, single=False)
 
     def _plan(self, entries) -> list[tuple[int, int, int]] | None:
         """(slot, first page, count) per slot needing pages, as the daemon will grant them;
@@ -218,6 +244,19 @@ class KVCache:
         return addrs
 
     def _grant(self, entries, single: bool) -> None:
+        try:
+            while True:
+                try:
+                    return self._grant_once(entries, single)
+                except ResourceExhausted:
+                    # The session's own idle pages come first: give back one slot's
+                    # worth (the largest) and try again, until none is left.
+                    if not self._session.reclaim_local(self.device_index, 1):
+                        raise
+        finally:
+            self._session.serve_reclaims()
+
+    def _grant_once(self, entries, single: bool) -> None:
         entries = list(entries)
         if self.ahead_pages:
             ahead = self.ahead_pages * self.page_size // self._token_bytes
@@ -300,6 +339,10 @@ class KVCache:
     def shrink(self, slot: int, tokens: int) -> None:
         """Keeps the pages ``tokens`` tokens need and returns the rest to the pool."""
         self.wait()
+        with self._lock:
+            self._shrink(slot, tokens)
+
+    def _shrink(self, slot: int, tokens: int) -> None:
         if not 0 <= slot < self.max_batch:
             raise OutOfRange(f"slot {slot} is outside region {self.region_id}'s slots 0..{self.max_batch - 1}")
         if tokens < 0:
@@ -319,9 +362,43 @@ class KVCache:
             raise Internal(f"slot {slot}: daemon kept {reply.pages_per_tensor} pages, the client {keep}")
 
     def free(self, slot: int) -> None:
-        """The request in ``slot`` finished: return its pages and the slot."""
-        self.shrink(slot, 0)
-        self._in_use[slot] = False
+        """The request in ``slot`` finished: the slot is free again.
+
+        Its pages go back to the pool, or, with ``keep_freed``, stay mapped for
+        the next request (deferred reclamation) until the daemon asks for them.
+        """
+        self.wait()
+        with self._lock:
+            if self.keep_freed and 0 <= slot < self.max_batch and self._pages[slot]:
+                self._session.free(self.region_id, slot, keep_pages=True)
+                self._idle.add(slot)
+            else:
+                self._shrink(slot, 0)
+            self._in_use[slot] = False
+
+    @property
+    def idle_pages(self) -> int:
+        """Pages kept mapped under freed slots (``keep_freed``)."""
+        return sum(self._pages[slot] for slot in self._idle) * self._num_tensors
+
+    def release_idle(self, device: int, pages: int) -> int:
+        """Gives back up to ``pages`` pages of freed slots (largest first); returns how many.
+
+        The daemon's reclaim requests end up here; call it yourself to trim.
+        """
+        if device != self.device_index or self.closed:
+            return 0
+        given = 0
+        with self._lock:
+            for slot in sorted(self._idle, key=lambda s: -self._pages[s]):
+                if given >= pages:
+                    break
+                if self._in_use[slot]:
+                    continue
+                given += self._pages[slot] * self._num_tensors
+                self._shrink(slot, 0)
+                self._idle.discard(slot)
+        return given
 
     # ----- lifetime --------------------------------------------------------
     def close(self) -> None:
@@ -334,6 +411,8 @@ class KVCache:
             pass
         if self._executor is not None:
             self._executor.shutdown()
+        if self.release_idle in self._session.reclaim_handlers:
+            self._session.reclaim_handlers.remove(self.release_idle)
         self.closed = True
         self.k, self.v, self.kv = [], [], None
         for base in self._bases:

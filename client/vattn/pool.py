@@ -35,7 +35,7 @@ class Pool:
     def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
                  max_context: int, dtype: "torch.dtype | None" = None, device: int = 0,
                  prefetch_pages: int | None = None, layout: str = "per_layer",
-                 ahead_pages: int = 0) -> "KVCache":
+                 ahead_pages: int = 0, keep_freed: bool = False) -> "KVCache":
         """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
 
         ``device`` is the index of the GPU whose pool backs it (0 on host).
@@ -47,6 +47,10 @@ class Pool:
         a page spans every layer: at most one partly used page per request).
         ``ahead_pages``: every grow maps this many pages per tensor beyond what
         the tokens need (eager allocation: fewer, larger grows).
+        ``keep_freed``: deferred reclamation. ``free(slot)`` keeps the slot's
+        pages mapped, ``alloc(tokens)`` reuses the best-fitting freed slot, and
+        when the pool runs short the daemon asks for idle pages back; a
+        background thread of this session answers while the worker is idle.
         """
         import torch
 
@@ -70,13 +74,16 @@ class Pool:
             prefetch_pages = tensors if self.info.backend == pb.BACKEND_CUDA else 0
         layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
         try:
-            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages)
+            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages, keep_freed)
         except BaseException:
             for fd in spare_fds:
                 os.close(fd)
             self.session.release_region(layout.region_id)
             raise
         self._caches.append(cache)
+        if keep_freed:
+            self.session.reclaim_handlers.append(cache.release_idle)
+            self.session.start_listener()
         return cache
 
     def _mapper(self, device: int):

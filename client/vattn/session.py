@@ -6,8 +6,10 @@ granting calls, the received page fds, and raises :mod:`vattn.errors` types.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
+import time
 from typing import Callable, Iterable
 
 import grpc
@@ -67,7 +69,13 @@ class Session:
         self.token = self.channel.token
         self.session_id = self.channel.session_id
         # One call at a time on the channel, and grants received in order.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # Deferred reclamation: callables (device, pages) -> pages given back,
+        # run when the daemon asks for idle pages (see serve_reclaims).
+        self.reclaim_handlers: list[Callable[[int, int], int]] = []
+        self._serving = False
+        self._listener: threading.Thread | None = None
+        self._listener_stop = threading.Event()
         self.closed = False
 
     def _call(self, method, request):
@@ -159,9 +167,74 @@ class Session:
         request = pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
         return self._shrunk(self.stub.Shrink, request, "shrink")
 
-    def free(self, region_id: int, slot: int) -> pb.ShrinkReply:
-        request = pb.FreeRequest(session_token=self.token, region_id=region_id, slot=slot)
+    def free(self, region_id: int, slot: int, keep_pages: bool = False) -> pb.ShrinkReply:
+        request = pb.FreeRequest(session_token=self.token, region_id=region_id, slot=slot, keep_pages=keep_pages)
         return self._shrunk(self.stub.Free, request, "free")
+
+    # ----- deferred reclamation: the daemon asks for idle pages -------------
+    def serve_reclaims(self) -> int:
+        """Runs the reclaim handlers for the requests received so far; returns pages given back.
+
+        Called at safe points: after this session's calls, and by the
+        listener thread while the worker makes none. Never while holding the
+        session lock (handlers make calls of their own).
+        """
+        reclaims = self.channel.reclaims
+        if not reclaims or self._serving:
+            return 0
+        self._serving = True
+        given = 0
+        try:
+            while reclaims:
+                request = reclaims.popleft()
+                wanted = request.pages
+                for handler in list(self.reclaim_handlers):
+                    if wanted <= 0:
+                        break
+                    released = handler(request.device, wanted)
+                    wanted -= released
+                    given += released
+        finally:
+            self._serving = False
+        return given
+
+    def reclaim_local(self, device: int, pages: int) -> int:
+        """Gives back up to ``pages`` idle pages of this session's own caches (before failing a grow)."""
+        given = 0
+        for handler in list(self.reclaim_handlers):
+            if given >= pages:
+                break
+            given += handler(device, pages - given)
+        return given
+
+    def start_listener(self) -> None:
+        """Answers reclaim requests while the worker makes no call (a thread, started once)."""
+        if self._listener is None:
+            self._listener = threading.Thread(target=self._listen, name="vattn-reclaim", daemon=True)
+            self._listener.start()
+
+    def _listen(self) -> None:
+        sock = self.channel.sock
+        while not self._listener_stop.is_set():
+            try:
+                readable, _, _ = select.select([sock], [], [], 0.05)
+            except (OSError, ValueError):
+                return  # the socket closed
+            if readable:
+                if not self._lock.acquire(blocking=False):
+                    time.sleep(0.002)  # a call is in flight: it reads the socket itself
+                    continue
+                try:
+                    self.channel.poll()
+                except VattnError:
+                    return  # the daemon went away
+                finally:
+                    self._lock.release()
+            if self.channel.reclaims:
+                try:
+                    self.serve_reclaims()
+                except VattnError:
+                    pass  # the worker's next call sees what went wrong
 
     def stats(self) -> pb.StatsReply:
         return self._call(self.stub.Stats, pb.StatsRequest())
@@ -171,6 +244,9 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._listener_stop.set()
+        if self._listener is not None and self._listener is not threading.current_thread():
+            self._listener.join()
         self.channel.close()
         self._grpc.close()
 

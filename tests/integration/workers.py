@@ -92,3 +92,20 @@ def hold(socket_path: str, tokens: int, result, device: int = 0) -> None:
     assert held == sum(cache.pages(s) for s in range(4)) * 8 + cache.spare_pages
     result.put((os.getpid(), held))
     time.sleep(600)
+
+
+def hold_idle(socket_path: str, slots: int, tokens: int, result) -> None:
+    """Fills slots, frees them with keep_freed (idle pages), then idles: the daemon may ask for them."""
+    import torch
+
+    import vattn
+
+    pool = vattn.connect(socket_path, name="idle-holder")
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=slots, max_context=8192,
+                          dtype=torch.float16, keep_freed=True)
+    for slot in range(slots):
+        cache.grow(slot, tokens)
+    for slot in range(slots):
+        cache.free(slot)
+    result.put((os.getpid(), cache.idle_pages))
+    time.sleep(600)

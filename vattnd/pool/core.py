@@ -438,13 +438,15 @@ class PoolCore:
             return EMPTY_GRANT
         free, spare = self._free[region.device], region.spare
         if wanted > len(free) + len(spare):
-            raise ResourceExhausted(
+            exc = ResourceExhausted(
                 f"device {region.device}: this call needs {wanted} pages "
                 f"({format_size(wanted * self.page_size)}) but {len(free)} of "
                 f"{self._total[region.device]} are free"
                 + (f" (and {len(spare)} spare in this region)" if spare else "")
                 + "; free or shrink slots, or give vattnd a larger --pool-size"
             )
+            exc.shortfall = wanted - len(free) - len(spare)
+            raise exc
         # Commit: nothing below can fail. Spares first (oldest first: the
         # worker has most likely imported them already), then free pages.
         from_spare = min(wanted, len(spare))

@@ -93,7 +93,7 @@ class PoolServicer(pb_grpc.PoolServicer):
             pb.DevicePool(
                 device=d.device, name=self.device_names.get(d.device, ""), pages_total=d.pages_total,
                 pages_free=d.pages_free, pages_used=d.pages_used, page_size=snap.page_size,
-                pages_spare=d.pages_spare,
+                pages_spare=d.pages_spare, pages_idle=d.pages_idle,
             )
             for d in snap.devices
         ]
@@ -159,6 +159,9 @@ class PoolServicer(pb_grpc.PoolServicer):
 
     @_rpc
     def Free(self, request, context):
+        if request.keep_pages:
+            kept = self.service.park(request.session_token, request.region_id, request.slot)
+            return pb.ShrinkReply(pages_per_tensor=kept, pages_released=0)
         keep, released = self.service.shrink(request.session_token, request.region_id, request.slot, 0)
         return pb.ShrinkReply(pages_per_tensor=keep, pages_released=released)
 

@@ -72,18 +72,28 @@ class CallResult(_message.Message):
     error: CallError
     def __init__(self, call_id: _Optional[int] = ..., grant: _Optional[_Union[_vattn_pb2.GrantReply, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkReply, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
+class ReclaimRequest(_message.Message):
+    __slots__ = ("device", "pages")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    pages: int
+    def __init__(self, device: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+
 class ChannelMessage(_message.Message):
-    __slots__ = ("hello", "welcome", "refused", "pages", "call", "result")
+    __slots__ = ("hello", "welcome", "refused", "pages", "call", "result", "reclaim")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    RECLAIM_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     refused: Refused
     pages: PageBatch
     call: Call
     result: CallResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., pages: _Optional[_Union[PageBatch, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[CallResult, _Mapping]] = ...) -> None: ...
+    reclaim: ReclaimRequest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., pages: _Optional[_Union[PageBatch, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., result: _Optional[_Union[CallResult, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimRequest, _Mapping]] = ...) -> None: ...

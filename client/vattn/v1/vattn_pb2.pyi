@@ -197,14 +197,16 @@ class ShrinkRequest(_message.Message):
     def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class FreeRequest(_message.Message):
-    __slots__ = ("session_token", "region_id", "slot")
+    __slots__ = ("session_token", "region_id", "slot", "keep_pages")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PAGES_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     region_id: int
     slot: int
-    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
+    keep_pages: bool
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., keep_pages: _Optional[bool] = ...) -> None: ...
 
 class ShrinkReply(_message.Message):
     __slots__ = ("pages_per_tensor", "pages_released")
@@ -219,7 +221,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DevicePool(_message.Message):
-    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size", "pages_spare")
+    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size", "pages_spare", "pages_idle")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +229,7 @@ class DevicePool(_message.Message):
     PAGES_USED_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGES_SPARE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_IDLE_FIELD_NUMBER: _ClassVar[int]
     device: int
     name: str
     pages_total: int
@@ -234,7 +237,8 @@ class DevicePool(_message.Message):
     pages_used: int
     page_size: int
     pages_spare: int
-    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ...) -> None: ...
+    pages_idle: int
+    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ..., pages_idle: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "pid", "uid", "gid", "name", "pages", "regions", "age_seconds")

@@ -1,0 +1,88 @@
+"""Deferred reclamation: freed slots keep their pages; the daemon asks for them when short."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import vattn
+from tests.integration import workers
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def test_freed_slots_keep_pages_and_alloc_picks_the_best_fit(pool, daemon):
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096,
+                          keep_freed=True)  # 256 tokens per 64 KiB page, 2 tensors
+    for slot, tokens in ((0, 256), (1, 1024), (2, 2048)):
+        assert cache.alloc() == slot
+        cache.grow(slot, tokens)
+    cache.k[0][1, :1024] = 3.0
+    for slot in (0, 1, 2):
+        cache.free(slot)
+    assert daemon.used_pages() == (1 + 4 + 8) * 2  # nothing went back
+    assert cache.idle_pages == 26 and daemon.stats().pools[0].pages_idle == 26
+    # A request of 1100 tokens (5 pages) fills slot 1's 4 pages: best fit among those it fills.
+    assert cache.alloc(1100) == 1
+    assert cache.capacity(1) == 1024  # reused with its pages: the grow to 1100 adds one
+    cache.grow(1, 1100)
+    assert daemon.used_pages() == 28 and daemon.stats().pools[0].pages_idle == 18
+    # A tiny request fills no kept slot: it gets the one with the fewest pages.
+    assert cache.alloc(10) == 0
+    # No kept slot is small enough for 0 tokens but slot 3 is empty: it fits exactly.
+    assert cache.alloc(0) == 3
+    cache.free(1)
+    assert cache.release_idle(0, 1) == 16  # the largest idle slot (slot 2: 8 pages x 2 tensors) goes first
+    assert cache.pages(2) == 0 and cache.pages(1) == 5 and daemon.used_pages() == 28 - 16
+
+
+def test_daemon_asks_an_idle_worker_for_its_pages(daemon, pool):
+    # 512 pages in the pool; the other worker keeps 4 slots x 32 pages x 2 tensors = 256 idle.
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers.hold_idle, args=(daemon.socket, 4, 8192, result))
+    proc.start()
+    try:
+        pid, idle = result.get(timeout=60)
+        assert idle == 256 and daemon.used_pages() == 256
+        assert daemon.stats().pools[0].pages_idle == 256
+        # This worker needs 384 pages: 256 are free, the rest must come back from the idle worker.
+        cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=2, max_context=6144)
+        t0 = time.monotonic()
+        cache.grow(0, 6144)  # 24 pages x 8 tensors = 192
+        cache.grow(1, 6144)  # another 192: 384 in all
+        waited = time.monotonic() - t0
+        assert cache.pages(0) == cache.pages(1) == 24
+        assert waited < 2.0
+        holder = next(s for s in daemon.stats().sessions if s.pid == pid)
+        assert holder.pages <= 512 - 384
+        cache.k[3][1, :6144] = 1.0
+        # Nothing idle is left anywhere: a grow beyond the pool fails at once.
+        spare = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=1, max_context=1 << 16)
+        free_now = daemon.stats().pools[0].pages_free
+        t0 = time.monotonic()
+        with pytest.raises(vattn.ResourceExhausted):
+            spare.grow(0, 256 * (free_now // 2 + 1) + 256 * (holder.pages // 2))
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+
+
+def test_own_idle_pages_are_used_before_failing(pool, daemon):
+    cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=8192,
+                          keep_freed=True)  # 4 tensors
+    cache.grow(cache.alloc(), 8192)  # 32 pages x 4 = 128
+    cache.grow(cache.alloc(), 8192)
+    cache.grow(cache.alloc(), 8192)  # 384 of 512
+    cache.free(0)
+    cache.free(1)
+    slot = 3
+    cache.grow(slot, 8192)  # 128 free: fits
+    cache.free(2)
+    other = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_context=8192 * 2)
+    other.grow(0, 8192 * 2)  # needs 256 but 0 free: the session's own idle slots give them back
+    assert other.pages(0) == 64 and cache.idle_pages == 128
