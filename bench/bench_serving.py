@@ -11,11 +11,12 @@ Starts two daemons (2 MiB and 32 MiB pages) and measures, in this process:
    2 MiB pages (512 pages) against the all-layers layout with 32 MiB pages
    (32 pages), cold (import inline) and with enough prefetched spares. Waste
    per request is the partly used last page(s).
-2. Decode step overhead: a decode loop (8 requests at staggered lengths,
-   32 attention layers with random projections, hidden 4096, per-request
-   SDPA on its slot) with the cache grown synchronously each iteration
-   (`step`), asynchronously for the next iteration while this one computes
-   (`step_async`), and fully pre-mapped up front (no step at all).
+2. Decode step overhead: decode loops of 32 attention layers with random
+   projections (hidden 4096) with the cache grown synchronously each
+   iteration (`step`), asynchronously for the next iteration while this one
+   computes (`step_async`), and fully pre-mapped up front (no step at all):
+   a GPU-bound loop (32 requests in lockstep, one batched SDPA per layer) and
+   a host-bound one (8 requests at staggered lengths, one SDPA per request).
 3. Attention: SDPA (flash) and FlexAttention on vattnd-mapped K/V against the
    same data in ordinary tensors, CUDA-event timing, medians.
 """
@@ -95,45 +96,38 @@ def prefill_rates(reps: int) -> list[str]:
     ]
 
 
-def decode_overhead(sock: str, iterations: int) -> list[str]:
-    torch.manual_seed(0)
-    batch, hidden = 8, HEADS_Q * DIM
-    dtype, dev = torch.float16, "cuda:0"
-    wq = [torch.randn(hidden, hidden, device=dev, dtype=dtype) / hidden**0.5 for _ in range(LAYERS)]
-    wkv = [torch.randn(hidden, 2 * HEADS_KV * DIM, device=dev, dtype=dtype) / hidden**0.5 for _ in range(LAYERS)]
-    results = {}
-    pool = vattn.connect(sock)
-    # "warmup" is measured and dropped: the first iterations of a process on a
-    # GPU run several times slower (clocks, lazy kernel loading, allocator).
-    for mode in ("warmup", "premapped", "sync", "async", "async2", "sync2", "premapped2"):
-        cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS_KV, head_dim=DIM, max_batch=batch,
-                              max_context=8192, dtype=dtype)
-        # Staggered lengths: the requests cross 1024-token page boundaries at different iterations.
-        lengths = [1000 + i * 128 for i in range(batch)]
-        if mode.startswith("premapped") or mode == "warmup":
-            cache.step({s: 8192 for s in range(batch)})
-        else:
-            cache.step({s: lengths[s] for s in range(batch)})
-        x = torch.randn(batch, hidden, device=dev, dtype=dtype)
-        times = []
-        pending = False
-        for it in range(iterations):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            targets = {s: lengths[s] + 1 for s in range(batch)}
-            if mode.startswith("sync"):
-                cache.step(targets)
-            elif mode.startswith("async"):
-                if pending:
-                    cache.wait()
-                else:
-                    cache.step(targets)
-                cache.step_async({s: lengths[s] + 2 for s in range(batch)})  # the next iteration's need
-                pending = True
-            h = x
-            for layer in range(LAYERS):
-                q = (h @ wq[layer]).view(batch, HEADS_Q, 1, DIM)
-                kv_new = (h @ wkv[layer]).view(batch, 2, HEADS_KV, DIM)
+def _decode_run(pool, mode: str, layout: str, batch: int, start: list[int], iterations: int, batched: bool,
+                w) -> list[float]:
+    """Iteration times of one decode run; ``mode``: premapped, sync or async."""
+    wq, wkv = w
+    hidden, dtype, dev = HEADS_Q * DIM, torch.float16, "cuda:0"
+    max_context = max(start) + iterations + 64
+    cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS_KV, head_dim=DIM, max_batch=batch,
+                          max_context=max_context, dtype=dtype, layout=layout)
+    lengths = list(start)
+    cache.step({s: (max_context if mode == "premapped" else lengths[s] + 1) for s in range(batch)})
+    x = torch.randn(batch, hidden, device=dev, dtype=dtype)
+    times = []
+    for _ in range(iterations):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if mode == "sync":
+            cache.step({s: lengths[s] + 1 for s in range(batch)})
+        elif mode == "async":
+            cache.wait()  # the pages this iteration writes were mapped during the last one
+            cache.step_async({s: lengths[s] + 2 for s in range(batch)})
+        h = x
+        for layer in range(LAYERS):
+            q = (h @ wq[layer]).view(batch, HEADS_Q, 1, DIM)
+            kv_new = (h @ wkv[layer]).view(batch, 2, HEADS_KV, DIM)
+            if batched:  # every request at the same length: one SDPA for the batch
+                n = lengths[0]
+                cache.k[layer][:, n] = kv_new[:, 0]
+                cache.v[layer][:, n] = kv_new[:, 1]
+                k = cache.k[layer][:, : n + 1].transpose(1, 2)
+                v = cache.v[layer][:, : n + 1].transpose(1, 2)
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            else:
                 outs = []
                 for s in range(batch):
                     n = lengths[s]
@@ -142,25 +136,47 @@ def decode_overhead(sock: str, iterations: int) -> list[str]:
                     k = cache.k[layer][s, : n + 1].transpose(0, 1).unsqueeze(0)
                     v = cache.v[layer][s, : n + 1].transpose(0, 1).unsqueeze(0)
                     outs.append(F.scaled_dot_product_attention(q[s : s + 1], k, v, enable_gqa=True))
-                h = h + torch.cat(outs).view(batch, hidden)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            lengths = [n + 1 for n in lengths]
-        cache.wait()
-        cache.close()
-        results[mode] = times[5:]
-    pool.close()
-    base = statistics.mean(results["premapped"] + results["premapped2"])
-    lines = [
-        "| mapping | mean iteration (ms) | p99 (ms) | max (ms) | mean vs pre-mapped |",
-        "|---|---:|---:|---:|---:|",
+                out = torch.cat(outs)
+            h = h + out.reshape(batch, hidden)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        lengths = [n + 1 for n in lengths]
+    cache.wait()
+    cache.close()
+    return times
+
+
+def decode_overhead(sock: str, iterations: int, rounds: int = 3) -> list[str]:
+    torch.manual_seed(0)
+    hidden, dtype, dev = HEADS_Q * DIM, torch.float16, "cuda:0"
+    w = ([torch.randn(hidden, hidden, device=dev, dtype=dtype) / hidden**0.5 for _ in range(LAYERS)],
+         [torch.randn(hidden, 2 * HEADS_KV * DIM, device=dev, dtype=dtype) / hidden**0.5 for _ in range(LAYERS)])
+    pool = vattn.connect(sock)
+    experiments = [
+        ("GPU-bound: 32 requests in lockstep at ~8K tokens, one SDPA per layer; all-layers layout, "
+         "2 MiB pages (a page every 16 tokens)", "all_layers", 32, [8000] * 32, True),
+        ("host-bound: 8 requests at staggered lengths, one SDPA per request and layer; per-layer layout, "
+         "2 MiB pages", "per_layer", 8, [1000 + i * 128 for i in range(8)], False),
     ]
-    for name, runs in (("fully pre-mapped", ("premapped", "premapped2")), ("sync step", ("sync", "sync2")),
-                       ("step_async (next iteration)", ("async", "async2"))):
-        xs = sorted(results[runs[0]] + results[runs[1]])
-        mean = statistics.mean(xs)
-        lines.append(f"| {name} | {mean * 1e3:.3f} | {xs[int(0.99 * (len(xs) - 1))] * 1e3:.3f} "
-                     f"| {xs[-1] * 1e3:.3f} | {mean / base:.4f}x |")
+    lines = []
+    for title, layout, batch, start, batched in experiments:
+        _decode_run(pool, "premapped", layout, batch, start, 30, batched, w)  # warm-up, dropped
+        runs: dict[str, list[float]] = {"premapped": [], "sync": [], "async": []}
+        for r in range(rounds):  # interleaved, so drift hits every mode alike
+            for mode in (("premapped", "sync", "async") if r % 2 == 0 else ("async", "sync", "premapped")):
+                runs[mode] += _decode_run(pool, mode, layout, batch, start, iterations, batched, w)[3:]
+        base = statistics.mean(runs["premapped"])
+        lines += [f"{title}; {rounds} interleaved rounds of {iterations} iterations per mode", "",
+                  "| mapping | mean iteration (ms) | median (ms) | p99 (ms) | mean vs pre-mapped |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, mode in (("fully pre-mapped", "premapped"), ("sync step", "sync"),
+                           ("step_async (next iteration)", "async")):
+            xs = sorted(runs[mode])
+            mean = statistics.mean(xs)
+            lines.append(f"| {name} | {mean * 1e3:.3f} | {statistics.median(xs) * 1e3:.3f} "
+                         f"| {xs[int(0.99 * (len(xs) - 1))] * 1e3:.3f} | {mean / base:.4f}x |")
+        lines.append("")
+    pool.close()
     return lines
 
 
@@ -232,15 +248,15 @@ def attention_speed(sock: str, reps: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
     lines = [f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", "", "### Prefill path", ""]
     lines += prefill_rates(args.reps)
-    proc, sock = start_daemon("2MiB", "30GiB")
+    proc, sock = start_daemon("2MiB", "48GiB")
     try:
-        lines += ["", "### Decode step overhead (per-layer layout, 2 MiB pages, 8 requests)", ""]
+        lines += ["", "### Decode step overhead", ""]
         lines += decode_overhead(sock, args.iterations)
         lines += ["", "### Attention on vattnd memory against ordinary tensors (bf16)", ""]
         lines += attention_speed(sock, args.reps)
