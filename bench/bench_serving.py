@@ -153,8 +153,8 @@ def decode_overhead(sock: str, iterations: int, rounds: int = 3) -> list[str]:
          [torch.randn(hidden, 2 * HEADS_KV * DIM, device=dev, dtype=dtype) / hidden**0.5 for _ in range(LAYERS)])
     pool = vattn.connect(sock)
     experiments = [
-        ("GPU-bound: 32 requests in lockstep at ~8K tokens, one SDPA per layer; all-layers layout, "
-         "2 MiB pages (a page every 16 tokens)", "all_layers", 32, [8000] * 32, True),
+        ("GPU-bound: 32 requests in lockstep at ~6K tokens, one SDPA per layer; all-layers layout, "
+         "2 MiB pages (a page every 16 tokens)", "all_layers", 32, [6000] * 32, True),
         ("host-bound: 8 requests at staggered lengths, one SDPA per request and layer; per-layer layout, "
          "2 MiB pages", "per_layer", 8, [1000 + i * 128 for i in range(8)], False),
     ]
@@ -254,7 +254,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = [f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", "", "### Prefill path", ""]
     lines += prefill_rates(args.reps)
-    proc, sock = start_daemon("2MiB", "48GiB")
+    proc, sock = start_daemon("2MiB", "36GiB")
     try:
         lines += ["", "### Decode step overhead", ""]
         lines += decode_overhead(sock, args.iterations)
