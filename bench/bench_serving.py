@@ -160,7 +160,10 @@ def decode_overhead(sock: str, iterations: int, rounds: int = 3) -> list[str]:
     ]
     lines = []
     for title, layout, batch, start, batched in experiments:
-        _decode_run(pool, "premapped", layout, batch, start, 30, batched, w)  # warm-up, dropped
+        # Warm-up, dropped: a process's first decode runs on the GPU are several
+        # times slower for tens of iterations (seen: ~4x for 60 iterations).
+        for mode in ("premapped", "sync", "async"):
+            _decode_run(pool, mode, layout, batch, start, iterations, batched, w)
         runs: dict[str, list[float]] = {"premapped": [], "sync": [], "async": []}
         for r in range(rounds):  # interleaved, so drift hits every mode alike
             for mode in (("premapped", "sync", "async") if r % 2 == 0 else ("async", "sync", "premapped")):
