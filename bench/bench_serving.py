@@ -102,8 +102,11 @@ def _decode_run(pool, mode: str, layout: str, batch: int, start: list[int], iter
     wq, wkv = w
     hidden, dtype, dev = HEADS_Q * DIM, torch.float16, "cuda:0"
     max_context = max(start) + iterations + 64
+    # Spares for one page per request and tensor: the iteration where every
+    # request crosses a page boundary finds them imported already.
+    tensors = 1 if layout == "all_layers" else 2 * LAYERS
     cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS_KV, head_dim=DIM, max_batch=batch,
-                          max_context=max_context, dtype=dtype, layout=layout)
+                          max_context=max_context, dtype=dtype, layout=layout, prefetch_pages=batch * tensors)
     lengths = list(start)
     cache.step({s: (max_context if mode == "premapped" else lengths[s] + 1) for s in range(batch)})
     x = torch.randn(batch, hidden, device=dev, dtype=dtype)

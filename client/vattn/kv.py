@@ -198,6 +198,11 @@ class KVCache:
         """
         if self._pending is not None:
             self.wait()
+        capacity = self._capacity
+        if all(0 <= slot < self.max_batch and tokens <= capacity[slot] for slot, tokens in targets.items()):
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(None)  # nothing to map: no thread hand-off on most iterations
+            return done
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-step")
         self._pending = self._executor.submit(self._step, dict(targets))
