@@ -193,6 +193,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.model: dict[tuple[int, int], int] = {}  # (region, slot) -> pages per tensor
         self.spares: dict[int, list[int]] = {}  # region -> [spares held, target]
         self.idle: set[tuple[int, int]] = set()  # (region, slot) parked with pages
+        self.quota: dict[str, int | None] = {}
 
     def _pages_per_tensor(self, g: Geometry, tokens: int) -> int:
         return -(-tokens * g.token_bytes // PAGE)
@@ -206,11 +207,30 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _top_up(self, rid: int) -> None:
         held, target = self.spares[rid]
-        self.spares[rid][0] += max(0, min(target - held, self._free(self.regions[rid][1])))
+        n = min(target - held, self._free(self.regions[rid][1]))
+        tenant = self.core.tenant_of(self.regions[rid][0])
+        if self.quota.get(tenant) is not None:
+            n = min(n, self.quota[tenant] - self._tenant_held(tenant))
+        self.spares[rid][0] += max(0, n)
 
-    @rule(pid=st.integers(1, 10**6))
-    def open_session(self, pid):
-        self.sessions.append(self.core.open_session(pid, 0, 0, "w", 0.0).id)
+    @rule(pid=st.integers(1, 10**6), tenant=st.sampled_from(["a", "b"]))
+    def open_session(self, pid, tenant):
+        self.sessions.append(self.core.open_session(pid, 0, 0, "w", 0.0, tenant=tenant).id)
+
+    @rule(tenant=st.sampled_from(["a", "b"]), quota=st.one_of(st.none(), st.integers(0, 80)))
+    def set_quota(self, tenant, quota):
+        self.core.set_quota(tenant, quota)
+        self.quota[tenant] = quota
+
+    def _tenant_held(self, tenant: str) -> int:
+        held = 0
+        for (r, _), n in self.model.items():
+            if self.core.tenant_of(self.regions[r][0]) == tenant:
+                held += n * self.regions[r][2].num_tensors
+        for r, (spare, _) in self.spares.items():
+            if self.core.tenant_of(self.regions[r][0]) == tenant:
+                held += spare
+        return held
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data())
@@ -269,6 +289,11 @@ class PoolMachine(RuleBasedStateMachine):
                 want += max(0, self._pages_per_tensor(g, tokens) - have) * g.num_tensors
             if expected is None and want > self._free(device) + self.spares[rid][0]:
                 expected = ResourceExhausted
+            tenant = self.core.tenant_of(sid)
+            if expected is None and self.quota.get(tenant) is not None:
+                fresh = want - min(want, self.spares[rid][0])
+                if self._tenant_held(tenant) + fresh > self.quota[tenant]:
+                    expected = ResourceExhausted
         if expected is not None:
             with pytest.raises(expected):
                 self.core.step(sid, rid, entries)
@@ -344,9 +369,37 @@ class PoolMachine(RuleBasedStateMachine):
             )
             held += sum(h for r, (h, _) in self.spares.items() if self.regions[r][0] == sid)
             assert self.core.session(sid).pages == held
+        for usage in self.core.tenants():
+            assert usage.pages == self._tenant_held(usage.name)
 
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_tenant_quotas_bound_grants_and_spares():
+    core = PoolCore(PAGE, {0: 100})
+    a = core.open_session(1, 0, 0, "a1", 0.0, tenant="a").id
+    a2 = core.open_session(2, 0, 0, "a2", 0.0, tenant="a").id
+    b = core.open_session(3, 0, 0, "b", 0.0, tenant="b").id
+    core.set_quota("a", 20, priority=1)
+    ra = core.register_region(a, geo(), 0, spare_target=8)  # 4 tensors
+    ra2 = core.register_region(a2, geo(), 0)
+    rb = core.register_region(b, geo(), 0)
+    core.grow(a, ra.id, 0, 16 * 2)  # 2 pages x 4 = 8, all from spares; top-up refills 8: a holds 16
+    assert [t.pages for t in core.tenants() if t.name == "a"] == [16]
+    before = (core.owners(), core.free_pages(0))
+    with pytest.raises(ResourceExhausted, match=r"tenant 'a' is at its quota: this call needs 8 more pages .* holds 16 of its 20"):
+        core.grow(a2, ra2.id, 0, 32)  # the other session of the same tenant shares the quota
+    assert (core.owners(), core.free_pages(0)) == before
+    core.grow(b, rb.id, 0, 32 * 4)  # tenant b has no quota
+    core.set_quota("a", None)
+    core.grow(a2, ra2.id, 0, 32)
+    usage = {t.name: t for t in core.tenants()}
+    assert (usage["a"].pages, usage["a"].quota, usage["a"].priority, usage["a"].sessions) == (24, None, 1, 2)
+    assert usage["b"].pages == 32 and core.snapshot().tenants == tuple(core.tenants())
+    core.check_invariants()
+    with pytest.raises(InvalidArgument):
+        core.set_quota("a", -1)

@@ -47,6 +47,7 @@ MAX_BATCH = 65536
 MAX_CONTEXT = 1 << 24
 MAX_TENSOR_BYTES = 1 << 44  # 16 TiB of virtual space per K or V tensor
 MAX_SPARE = 1 << 16
+DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ class Session:
     opened_at: float
     regions: dict[RegionId, Region] = field(default_factory=dict)
     pages: int = 0
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +195,16 @@ class SessionUsage:
     opened_at: float
     pages: int
     regions: int
+    tenant: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    name: str
+    pages: int
+    quota: int | None  # pages; None: no quota
+    priority: int
+    sessions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +212,7 @@ class Snapshot:
     page_size: int
     devices: tuple[DeviceUsage, ...]
     sessions: tuple[SessionUsage, ...]
+    tenants: tuple[TenantUsage, ...] = ()
 
 
 class PoolCore:
@@ -216,6 +229,10 @@ class PoolCore:
         self._device_of: list[int] = []
         self._sessions: dict[SessionId, Session] = {}
         self._regions: dict[RegionId, Region] = {}
+        # Tenants: pages held (all their sessions), quotas (pages) and priorities.
+        self._tenant_pages: dict[str, int] = {}
+        self._quota: dict[str, int] = {}
+        self._priority: dict[str, int] = {}
         self._next_session = 1
         self._next_region = 1
         for device, count in sorted((pages_per_device or {}).items()):
@@ -302,18 +319,56 @@ class PoolCore:
                 for d in self.devices
             ),
             sessions=tuple(
-                SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions))
+                SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions), s.tenant)
                 for s in self._sessions.values()
             ),
+            tenants=tuple(self.tenants()),
         )
 
     # ----- sessions --------------------------------------------------------
-    def open_session(self, pid: int, uid: int, gid: int, name: str, now: float) -> Session:
+    def open_session(self, pid: int, uid: int, gid: int, name: str, now: float,
+                     tenant: str = DEFAULT_TENANT) -> Session:
         sid = SessionId(self._next_session)
         self._next_session += 1
-        session = Session(sid, pid, uid, gid, name, now)
+        session = Session(sid, pid, uid, gid, name, now, tenant=tenant)
         self._sessions[sid] = session
+        self._tenant_pages.setdefault(tenant, 0)
         return session
+
+    def _charge(self, session: Session, pages: int) -> None:
+        session.pages += pages
+        self._tenant_pages[session.tenant] += pages
+
+    # ----- tenants ---------------------------------------------------------
+    def set_quota(self, tenant: str, pages: int | None, priority: int | None = None) -> None:
+        """Sets a tenant's page quota (None: unlimited) and priority.
+
+        Lowering a quota below what the tenant holds takes nothing back; its
+        next grants are refused until it is under the quota again.
+        """
+        if pages is not None and pages < 0:
+            raise InvalidArgument(f"quota for {tenant!r} must not be negative")
+        if pages is None:
+            self._quota.pop(tenant, None)
+        else:
+            self._quota[tenant] = pages
+        if priority is not None:
+            self._priority[tenant] = priority
+        self._tenant_pages.setdefault(tenant, 0)
+
+    def tenant_of(self, sid: int) -> str:
+        return self.session(sid).tenant
+
+    def priority(self, tenant: str) -> int:
+        return self._priority.get(tenant, 0)
+
+    def tenants(self) -> list[TenantUsage]:
+        counts: dict[str, int] = {}
+        for s in self._sessions.values():
+            counts[s.tenant] = counts.get(s.tenant, 0) + 1
+        names = sorted(set(self._tenant_pages) | set(self._quota))
+        return [TenantUsage(t, self._tenant_pages.get(t, 0), self._quota.get(t), self._priority.get(t, 0),
+                            counts.get(t, 0)) for t in names]
 
     def close_session(self, sid: int) -> list[PageId]:
         """Ends a session and returns every page it held (ids released)."""
@@ -365,16 +420,20 @@ class PoolCore:
         return region
 
     def _top_up(self, region: Region) -> tuple[PageId, ...]:
-        """Moves free pages to the region's spares up to its target; returns them."""
+        """Moves free pages to the region's spares up to its target (and the tenant's quota)."""
         free = self._free[region.device]
         n = min(region.spare_target - len(region.spare), len(free))
+        tenant = self._sessions[region.session].tenant
+        quota = self._quota.get(tenant)
+        if quota is not None:
+            n = min(n, quota - self._tenant_pages.get(tenant, 0))
         if n <= 0:
             return ()
         added = free[len(free) - n :]
         del free[len(free) - n :]
         added.reverse()
         region.spare.extend(added)
-        self._sessions[region.session].pages += n
+        self._charge(self._sessions[region.session], n)
         return tuple(added)
 
     def release_region(self, sid: int, region_id: int) -> list[PageId]:
@@ -392,7 +451,7 @@ class PoolCore:
             released.extend(pages)
             free.extend(pages)
             pages.clear()
-        session.pages -= len(released)
+        self._charge(session, -len(released))
         return released
 
     # ----- slots -----------------------------------------------------------
@@ -447,9 +506,21 @@ class PoolCore:
             )
             exc.shortfall = wanted - len(free) - len(spare)
             raise exc
+        from_spare = min(wanted, len(spare))
+        session = self._sessions[region.session]
+        quota = self._quota.get(session.tenant)
+        held = self._tenant_pages.get(session.tenant, 0)
+        if quota is not None and held + wanted - from_spare > quota:
+            exc = ResourceExhausted(
+                f"tenant {session.tenant!r} is at its quota: this call needs {wanted - from_spare} more pages "
+                f"({format_size((wanted - from_spare) * self.page_size)}) but the tenant holds {held} of its "
+                f"{quota} ({format_size(quota * self.page_size)}); free slots, or raise the quota "
+                f"(vattnd quota set {session.tenant} SIZE)"
+            )
+            exc.over_quota = True
+            raise exc
         # Commit: nothing below can fail. Spares first (oldest first: the
         # worker has most likely imported them already), then free pages.
-        from_spare = min(wanted, len(spare))
         granted = spare[:from_spare]
         del spare[:from_spare]
         fresh_n = wanted - from_spare
@@ -466,7 +537,7 @@ class PoolCore:
             region.slots[slot].extend(granted[offset : offset + n])
             offset += n
             grants.append(SlotGrant(slot, have, count))
-        self._sessions[region.session].pages += fresh_n
+        self._charge(self._sessions[region.session], fresh_n)
         return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region))
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
@@ -485,7 +556,7 @@ class PoolCore:
         if not pages:
             region.idle.discard(slot)
         self._free[region.device].extend(reversed(released))
-        self._sessions[region.session].pages -= len(released)
+        self._charge(self._sessions[region.session], -len(released))
         return keep, released
 
     def park(self, sid: int, region_id: int, slot: int) -> int:
@@ -558,8 +629,13 @@ class PoolCore:
                 raise AssertionError(f"region {region.id}: {len(region.spare)} spares over target {region.spare_target}")
             if any(self.device_of(p) != region.device for p in region.spare):
                 raise AssertionError(f"region {region.id}: spare page from another device")
+        by_tenant: dict[str, int] = {}
         for session in self._sessions.values():
             held = sum(r.pages_held() for r in session.regions.values())
             if held != session.pages:
                 raise AssertionError(f"session {session.id}: counts {session.pages}, holds {held}")
+            by_tenant[session.tenant] = by_tenant.get(session.tenant, 0) + held
+        for tenant, pages in self._tenant_pages.items():
+            if pages != by_tenant.get(tenant, 0):
+                raise AssertionError(f"tenant {tenant!r}: counts {pages}, holds {by_tenant.get(tenant, 0)}")
 
