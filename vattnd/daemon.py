@@ -7,6 +7,7 @@ SERVING when the whole pool is there.
 """
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import resource
@@ -20,13 +21,13 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, start_http_server
 
 import vattnd
-from vattn.paths import channel_path
+from vattn.paths import admin_path, channel_path
 from vattnd.backends import BackendUnavailable, PageBackend, open_backend
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
 from vattnd.pool import PoolCore
 from vattnd.rpc.fastpath import FastPath
-from vattnd.rpc.servicer import PoolServicer, create_server
+from vattnd.rpc.servicer import AdminServicer, PoolServicer, create_admin_server, create_server
 from vattnd.service import PoolService
 from vattnd.units import format_size
 from vattn.v1 import vattn_pb2 as pb
@@ -59,6 +60,15 @@ class Config:
     metrics_host: str = "127.0.0.1"
     devices: list[int] | None = None
     socket_mode: int = 0o660
+    # Group that may use the worker sockets (chown); None: the daemon's own.
+    socket_group: str | None = None
+    # The admin socket is 0600 (owner only), or 0660 for this group.
+    admin_group: str | None = None
+    # Tenant -> quota in bytes (per daemon, all devices together).
+    quotas: dict[str, int] = field(default_factory=dict)
+    priorities: dict[str, int] = field(default_factory=dict)
+    # Tenant -> Unix uids allowed to open sessions for it.
+    tenant_uids: dict[str, set[int]] = field(default_factory=dict)
     rpc_threads: int = 16
     on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
 
@@ -80,6 +90,17 @@ def raise_nofile_limit(needed: int) -> int:
             ) from None
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return want
+
+
+def _restrict(path: str, mode: int, group: str | None) -> None:
+    """Sets a socket file's mode and, if given, its group."""
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"group {group!r} does not exist: create it or pick another --socket-group/--admin-group") from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
 
 
 def _claim_socket_path(path: str) -> None:
@@ -111,6 +132,7 @@ class Daemon:
         self.service: PoolService | None = None
         self.channel: ChannelServer | None = None
         self.server = None
+        self.admin_server = None
         self.health = None
         self.metrics_server = None
         self.metrics_url = ""
@@ -148,6 +170,10 @@ class Daemon:
         for dev in devices:
             core.add_device(dev.index)
         self.service = service = PoolService(core, self.backend)
+        service.tenant_uids = {t: set(uids) for t, uids in cfg.tenant_uids.items()}
+        for tenant in sorted(set(cfg.quotas) | set(cfg.priorities)):
+            quota = cfg.quotas.get(tenant)
+            core.set_quota(tenant, None if quota is None else quota // cfg.page_size, cfg.priorities.get(tenant))
         names = {dev.index: dev.name for dev in devices}
 
         _claim_socket_path(cfg.socket)
@@ -167,9 +193,16 @@ class Daemon:
             self.metrics_url = f"http://{host}:{port}"
         servicer = PoolServicer(service, rpc_metrics, chan, self.metrics_url, names)
         self.server, self.health = create_server(f"unix:{cfg.socket}", servicer, cfg.rpc_threads)
-        os.chmod(cfg.socket, cfg.socket_mode)
+        admin = admin_path(cfg.socket)
+        if os.path.lexists(admin):
+            os.unlink(admin)  # ours: the gRPC socket's probe above showed no daemon runs
+        self.admin_server = create_admin_server(f"unix:{admin}", AdminServicer(servicer))
+        _restrict(admin, 0o660 if cfg.admin_group else 0o600, cfg.admin_group)
+        _restrict(cfg.socket, cfg.socket_mode, cfg.socket_group)
+        _restrict(chan, cfg.socket_mode, cfg.socket_group)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.start()
+        self.admin_server.start()
         self.channel.start()
         log.info(
             "vattnd %s listening on %s (fd channel %s, metrics %s) after %.0f ms; backend %s, "
@@ -245,6 +278,13 @@ class Daemon:
         if self.server is not None:
             self.server.stop(grace).wait()
             self.server = None
+        if self.admin_server is not None:
+            self.admin_server.stop(grace).wait()
+            self.admin_server = None
+            try:
+                os.unlink(admin_path(self.config.socket))
+            except FileNotFoundError:
+                pass
         if self._bring_up_thread is not None:
             self._bring_up_thread.join()
             self._bring_up_thread = None

@@ -9,22 +9,24 @@ sending.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from vattn.errors import ResourceExhausted, Unauthenticated, Unavailable
+from vattn.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from vattn.v1 import channel_pb2
 from vattnd.backends.base import PageBackend
 from vattnd.channel.server import ChannelBroken, Connection
-from vattnd.pool.core import EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Snapshot
+from vattnd.pool.core import DEFAULT_TENANT, EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Snapshot
 
 log = logging.getLogger(__name__)
 
 # How long a grant waits for idle pages that other sessions were asked to return.
 RECLAIM_WAIT_S = 2.0
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ class PoolService:
         # Notified whenever pages return to a pool: grants waiting for reclaimed pages retry.
         self._released = threading.Condition(self.lock)
         self.reclaims_asked = 0
+        # Tenant -> Unix uids allowed to open sessions for it (absent: anyone).
+        self.tenant_uids: dict[str, set[int]] = {}
         # fd of every page, indexed by page id (the backend owns them).
         self.fds: list[int] = []
         self._by_token: dict[str, SessionHandle] = {}
@@ -60,16 +64,39 @@ class PoolService:
             self.fds.extend(fds)
 
     # ----- sessions (called by the channel thread) -------------------------
-    def open_session(self, conn: Connection, name: str) -> tuple[int, str]:
+    def open_session(self, conn: Connection, name: str, tenant: str = "") -> tuple[int, str]:
+        """Opens the session of a new channel connection; ValueError refuses it (with the reason)."""
+        tenant = tenant or DEFAULT_TENANT
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+        allowed = self.tenant_uids.get(tenant)
+        if allowed is not None and conn.uid not in allowed:
+            raise ValueError(
+                f"uid {conn.uid} may not open sessions for tenant {tenant!r} (allowed uids: "
+                f"{', '.join(map(str, sorted(allowed)))}); ask the operator, or use your own tenant"
+            )
         token = secrets.token_hex(16)
         with self.lock:
-            session = self.core.open_session(conn.pid, conn.uid, conn.gid, name[:200], self.clock())
+            session = self.core.open_session(conn.pid, conn.uid, conn.gid, name[:200], self.clock(), tenant)
             handle = SessionHandle(session.id, token, conn)
             self._by_token[token] = handle
             self._by_conn[id(conn)] = handle
             self.sessions_opened += 1
-        log.info("session %d opened by pid %d uid %d (%s)", session.id, conn.pid, conn.uid, name)
+        log.info("session %d opened by pid %d uid %d for tenant %s (%s)", session.id, conn.pid, conn.uid,
+                 tenant, name)
         return session.id, token
+
+    def set_quota(self, tenant: str, pages: int | None, priority: int | None, keep_quota: bool = False) -> None:
+        if not TENANT_NAME.fullmatch(tenant):
+            raise InvalidArgument(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+        with self.lock:
+            if keep_quota:
+                current = next((t.quota for t in self.core.tenants() if t.name == tenant), None)
+                self.core.set_quota(tenant, current, priority)
+            else:
+                self.core.set_quota(tenant, pages, priority)
+            self._released.notify_all()  # a raised quota may let a waiting grant through
+        log.info("tenant %s: quota %s pages, priority %s", tenant, "unchanged" if keep_quota else pages, priority)
 
     def close_session(self, conn: Connection) -> None:
         with self.lock:
@@ -159,6 +186,8 @@ class PoolService:
                         break
                     except ResourceExhausted as exc:
                         now = time.monotonic()
+                        if getattr(exc, "over_quota", False):
+                            raise  # other sessions' idle pages do not lift a quota
                         if deadline is None:
                             device = self.core.region(handle.session_id, region_id).device
                             asks = self._reclaim_targets(device, handle.session_id, exc.shortfall)
@@ -188,10 +217,15 @@ class PoolService:
         """(connection, pages to ask for) of other sessions holding idle pages on ``device``,
         most idle first, until ``shortfall`` is covered."""
         by_id = {h.session_id: h for h in self._by_conn.values()}
-        idle = sorted(((pages, sid) for sid, pages in self.core.idle_by_session(device).items()
-                       if sid != requester and sid in by_id), reverse=True)
+        # Lower-priority tenants first, then the sessions with the most idle pages.
+        idle = sorted(
+            (self.core.priority(self.core.tenant_of(sid)), -pages, sid)
+            for sid, pages in self.core.idle_by_session(device).items()
+            if sid != requester and sid in by_id
+        )
         asks = []
-        for pages, sid in idle:
+        for _, neg_pages, sid in idle:
+            pages = -neg_pages
             if shortfall <= 0:
                 break
             asks.append((by_id[sid].conn, min(pages, shortfall)))

@@ -37,6 +37,27 @@ class SizeParam(click.ParamType):
 SIZE = SizeParam()
 
 
+def _size_value(text: str) -> int:
+    from vattnd.units import parse_size
+
+    return parse_size(text)
+
+
+def _pairs(values, shape: str, convert) -> dict:
+    """Repeatable NAME=VALUE options (an environment variable may hold several, space-separated)."""
+    out = {}
+    for value in values:
+        for item in str(value).split():
+            name, sep, rest = item.partition("=")
+            if not sep or not name:
+                raise click.BadParameter(f"{item!r}: write {shape}")
+            try:
+                out[name] = convert(rest)
+            except ValueError as exc:
+                raise click.BadParameter(f"{item!r}: {exc}; write {shape}") from None
+    return out
+
+
 def _devices(ctx, param, value):
     if value in (None, "", "all"):
         return None
@@ -69,7 +90,21 @@ def cli() -> None:
               help="Address the metrics endpoint binds.")
 @click.option("--log-level", envvar="VATTND_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level) -> None:
+@click.option("--quota", "quotas", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=SIZE", _size_value),
+              help="A tenant's quota, e.g. teamA=20GiB (repeatable; VATTND_QUOTA, space-separated).",
+              envvar="VATTND_QUOTA")
+@click.option("--priority", "priorities", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=N", int),
+              help="A tenant's priority; lower ones give idle pages back first (repeatable).",
+              envvar="VATTND_PRIORITY")
+@click.option("--tenant-uids", multiple=True, envvar="VATTND_TENANT_UIDS",
+              callback=lambda c, p, v: _pairs(v, "TENANT=UID[:UID...]", lambda x: {int(u) for u in x.split(":")}),
+              help="Only these Unix uids may open sessions for TENANT, e.g. teamA=1001:1002 (repeatable).")
+@click.option("--socket-group", envvar="VATTND_SOCKET_GROUP", default=None,
+              help="Group given the worker sockets (mode 0660). [default: the daemon's]")
+@click.option("--admin-group", envvar="VATTND_ADMIN_GROUP", default=None,
+              help="Group that may use the admin socket (SOCKET.admin). [default: owner only]")
+def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level,
+          quotas, priorities, tenant_uids, socket_group, admin_group) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), stream=sys.stderr,
@@ -80,6 +115,8 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
     config = Config(
         socket=socket_path, backend=backend, pool_size=pool_size, page_size=page_size,
         metrics_port=None if metrics_port == -1 else metrics_port, metrics_host=metrics_host, devices=devices,
+        quotas=quotas, priorities=priorities, tenant_uids=tenant_uids, socket_group=socket_group,
+        admin_group=admin_group,
     )
     daemon = Daemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
@@ -114,15 +151,22 @@ def stats_dict(reply) -> dict:
         "uptime_seconds": round(reply.uptime_seconds, 3),
         "pools": [
             {"device": p.device, "name": p.name, "page_size": p.page_size, "pages_total": p.pages_total,
-             "pages_used": p.pages_used, "pages_free": p.pages_free, "pages_spare": p.pages_spare}
+             "pages_used": p.pages_used, "pages_free": p.pages_free, "pages_spare": p.pages_spare,
+             "pages_idle": p.pages_idle}
             for p in reply.pools
         ],
         "sessions": [
             {"session_id": s.session_id, "pid": s.pid, "uid": s.uid, "gid": s.gid, "name": s.name,
-             "regions": s.regions, "pages": s.pages, "age_seconds": round(s.age_seconds, 3)}
+             "tenant": s.tenant, "regions": s.regions, "pages": s.pages, "age_seconds": round(s.age_seconds, 3)}
             for s in reply.sessions
         ],
+        "tenants": [tenant_dict(t) for t in reply.tenants],
     }
+
+
+def tenant_dict(t) -> dict:
+    return {"name": t.name, "pages": t.pages, "quota_pages": t.quota_pages if t.has_quota else None,
+            "priority": t.priority, "sessions": t.sessions}
 
 
 socket_option = click.option("--socket", "socket_path", envvar="VATTND_SOCKET", default=default_socket,
@@ -149,6 +193,7 @@ def status(socket_path, as_json) -> None:
     if as_json:
         summary = stats_dict(reply)
         summary["sessions"] = len(reply.sessions)
+        summary["tenants"] = len(reply.tenants)
         click.echo(json.dumps(summary, indent=2))
         return
     from vattn.v1 import vattn_pb2 as pb
@@ -183,14 +228,69 @@ def stats(socket_path, as_json) -> None:
         pools.add_row(str(p.device), p.name, _size(p.page_size), f"{p.pages_total} ({_size(p.pages_total * p.page_size)})",
                       str(p.pages_used), str(p.pages_spare), str(p.pages_free), f"{pct:.1f}")
     console.print(pools)
-    sessions = Table(title="Sessions", title_justify="left")
-    for col in ("id", "pid", "uid", "name", "regions", "pages", "memory", "age"):
-        sessions.add_column(col, justify="left" if col == "name" else "right")
     page_size = reply.pools[0].page_size if reply.pools else 0
+    tenants = Table(title="Tenants", title_justify="left")
+    for col in ("tenant", "sessions", "pages", "memory", "quota", "priority"):
+        tenants.add_column(col, justify="left" if col == "tenant" else "right")
+    for t in reply.tenants:
+        quota = f"{t.quota_pages} ({_size(t.quota_pages * page_size)})" if t.has_quota else "none"
+        tenants.add_row(t.name, str(t.sessions), str(t.pages), _size(t.pages * page_size), quota, str(t.priority))
+    console.print(tenants)
+    sessions = Table(title="Sessions", title_justify="left")
+    for col in ("id", "pid", "uid", "tenant", "name", "regions", "pages", "memory", "age"):
+        sessions.add_column(col, justify="left" if col in ("name", "tenant") else "right")
     for s in reply.sessions:
-        sessions.add_row(str(s.session_id), str(s.pid), str(s.uid), s.name, str(s.regions), str(s.pages),
+        sessions.add_row(str(s.session_id), str(s.pid), str(s.uid), s.tenant, s.name, str(s.regions), str(s.pages),
                          _size(s.pages * page_size), _uptime(s.age_seconds))
     console.print(sessions)
+
+
+@cli.group()
+def quota() -> None:
+    """Tenants' page quotas and priorities (through the admin socket)."""
+
+
+@quota.command("set")
+@click.argument("tenant")
+@click.argument("size", required=False)
+@click.option("--priority", type=int, default=None, help="Lower priorities give idle pages back first.")
+@socket_option
+@json_option
+def quota_set(tenant, size, priority, socket_path, as_json) -> None:
+    """Set TENANT's quota to SIZE (e.g. 20GiB, or 'unlimited'); without SIZE, only --priority changes."""
+    import vattn
+    from vattn.session import set_quota
+
+    if size is None and priority is None:
+        raise click.UsageError("give a SIZE, a --priority, or both")
+    try:
+        quota_bytes = None if size in (None, "unlimited", "none") else _size_value(size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SIZE") from None
+    try:
+        info = set_quota(tenant, quota_bytes, priority, socket_path, keep_quota=size is None)
+    except vattn.VattnError as exc:
+        click.echo(f"vattnd: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE if isinstance(exc, vattn.Unavailable) else EXIT_START_FAILED)
+    if as_json:
+        click.echo(json.dumps(tenant_dict(info), indent=2))
+    else:
+        quota_text = f"{info.quota_pages} pages" if info.has_quota else "no quota"
+        click.echo(f"tenant {info.name}: {quota_text}, priority {info.priority}, holds {info.pages} pages")
+
+
+@quota.command("list")
+@socket_option
+@json_option
+def quota_list(socket_path, as_json) -> None:
+    """Every tenant with its usage, quota and priority."""
+    reply = _stats_or_exit(socket_path)
+    if as_json:
+        click.echo(json.dumps([tenant_dict(t) for t in reply.tenants], indent=2))
+        return
+    for t in reply.tenants:
+        quota_text = f"{t.quota_pages} pages" if t.has_quota else "no quota"
+        click.echo(f"{t.name}: {t.pages} pages held by {t.sessions} sessions; {quota_text}; priority {t.priority}")
 
 
 def main() -> None:

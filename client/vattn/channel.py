@@ -22,7 +22,7 @@ class ClientChannel:
     Not thread-safe: :class:`vattn.session.Session` serializes its use.
     """
 
-    def __init__(self, path: str, name: str, timeout: float):
+    def __init__(self, path: str, name: str, timeout: float, tenant: str = ""):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         self._buf = bytearray(MAX_DATAGRAM)
@@ -33,7 +33,7 @@ class ClientChannel:
         self._call_id = 0
         try:
             self.sock.connect(path)
-            hello = channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name=name, protocol=PROTOCOL))
+            hello = channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name=name, protocol=PROTOCOL, tenant=tenant))
             self.sock.send(hello.SerializeToString())
             msg, _ = self._receive()
         except (OSError, Unavailable) as exc:

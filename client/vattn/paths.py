@@ -20,3 +20,8 @@ def default_socket() -> str:
 def channel_path(socket_path: str) -> str:
     """The fd channel listens beside the gRPC socket."""
     return socket_path + ".fd"
+
+
+def admin_path(socket_path: str) -> str:
+    """The admin service (Admin in vattn.proto) listens beside the gRPC socket."""
+    return socket_path + ".admin"

@@ -113,12 +113,15 @@ class Pool:
 
 
 def connect(socket: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-            transport: str = "channel") -> Pool:
+            transport: str = "channel", tenant: str = "") -> Pool:
     """Opens a session with the vattnd listening on ``socket`` (default: :func:`vattn.paths.default_socket`).
 
     ``transport`` carries the per-iteration calls (grow, step, shrink, free):
     ``"channel"`` (default) sends them on the session's fd channel, tens of
     microseconds a round trip; ``"grpc"`` uses the gRPC methods of the same
     name. Both give the same results and errors.
+
+    ``tenant`` names whose quota the session's pages count against (default:
+    ``"default"``); the daemon may restrict tenants to Unix users.
     """
-    return Pool(Session(socket, name=name, timeout=timeout, transport=transport))
+    return Pool(Session(socket, name=name, timeout=timeout, transport=transport, tenant=tenant))

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 import grpc
 
 from vattn.channel import ClientChannel, _close_all
-from vattn.errors import ERRORS_BY_CODE, InvalidArgument, Unavailable, VattnError
-from vattn.paths import default_socket
+from vattn.errors import ERRORS_BY_CODE, InvalidArgument, PermissionDenied, Unavailable, VattnError
+from vattn.paths import admin_path, default_socket
 from vattn.v1 import channel_pb2
 from vattn.v1 import vattn_pb2 as pb
 from vattn.v1 import vattn_pb2_grpc as pb_grpc
@@ -52,7 +52,7 @@ class Session:
     """One worker process's session. Thread-safe; granting calls are serialized."""
 
     def __init__(self, socket_path: str | None = None, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, transport: str = "channel"):
+                 timeout: float = DEFAULT_TIMEOUT_S, transport: str = "channel", tenant: str = ""):
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self.socket_path = socket_path or default_socket()
@@ -62,7 +62,7 @@ class Session:
         self.stub = pb_grpc.PoolStub(self._grpc)
         try:
             self.info: pb.ServerInfo = self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest())
-            self.channel = ClientChannel(self.info.channel_path, name or _default_name(), timeout)
+            self.channel = ClientChannel(self.info.channel_path, name or _default_name(), timeout, tenant)
         except BaseException:
             self._grpc.close()
             raise
@@ -251,14 +251,29 @@ class Session:
         self._grpc.close()
 
 
-def stats(socket_path: str | None = None, timeout: float = 5.0) -> pb.StatsReply:
-    """Stats without opening a session (for tools such as `vattnd stats`)."""
-    path = socket_path or default_socket()
+def _admin_call(socket_path: str | None, method: str, request, timeout: float):
+    path = admin_path(socket_path or default_socket())
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise PermissionDenied(f"no access to the admin socket {path}: run as its owner (or a member of "
+                               "vattnd's --admin-group)")
     with grpc.insecure_channel(f"unix:{path}") as channel:
         try:
-            return pb_grpc.PoolStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+            return getattr(pb_grpc.AdminStub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise translate(exc, path) from None
+
+
+def stats(socket_path: str | None = None, timeout: float = 5.0) -> pb.StatsReply:
+    """Pools, sessions and tenants from the admin socket (for operators' tools such as `vattnd stats`)."""
+    return _admin_call(socket_path, "Stats", pb.StatsRequest(), timeout)
+
+
+def set_quota(tenant: str, quota_bytes: int | None, priority: int | None = None, socket_path: str | None = None,
+              timeout: float = 5.0, keep_quota: bool = False) -> pb.TenantInfo:
+    """Sets a tenant's quota (None: unlimited) and/or priority through the admin socket."""
+    request = pb.SetQuotaRequest(tenant=tenant, quota_bytes=quota_bytes or 0, unlimited=quota_bytes is None,
+                                 priority=priority or 0, set_priority=priority is not None, keep_quota=keep_quota)
+    return _admin_call(socket_path, "SetQuota", request, timeout)
 
 
 __all__ = ["Session", "stats", "translate"]

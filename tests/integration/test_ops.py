@@ -106,7 +106,7 @@ def test_cli_status_and_stats(daemon, pool):
     data = json.loads(out.stdout)
     assert data["backend"] == "host"
     assert data["pools"] == [{"device": 0, "name": "cpu", "page_size": 65536, "pages_total": 512,
-                              "pages_used": 4, "pages_free": 508, "pages_spare": 0}]
+                              "pages_used": 4, "pages_free": 508, "pages_spare": 0, "pages_idle": 0}]
     [session] = data["sessions"]
     assert (session["pid"], session["name"], session["pages"], session["regions"]) == (os.getpid(), "pytest", 4, 1)
 

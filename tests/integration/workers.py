@@ -87,7 +87,9 @@ def hold(socket_path: str, tokens: int, result, device: int = 0) -> None:
         cache.grow(slot, tokens)
         cache.k[0][slot, :tokens] = 1.0
     # Slot pages of all 8 tensors, plus the spares prefetched ahead (CUDA's default).
-    spares = pool.stats().sessions
+    from vattn.session import stats
+
+    spares = stats(socket_path).sessions  # the admin socket lists sessions
     held = next(x.pages for x in spares if x.pid == os.getpid())
     assert held == sum(cache.pages(s) for s in range(4)) * 8 + cache.spare_pages
     result.put((os.getpid(), held))

@@ -77,8 +77,8 @@ class Connection:
                 pass
 
 
-# open_session(conn, name) -> (session_id, token); raises ValueError to refuse.
-OpenSession = Callable[[Connection, str], tuple[int, str]]
+# open_session(conn, name, tenant) -> (session_id, token); raises ValueError to refuse.
+OpenSession = Callable[[Connection, str, str], tuple[int, str]]
 CloseSession = Callable[[Connection], None]
 # on_call(conn, call): answers a fast-path Call on the connection.
 OnCall = Callable[[Connection, "channel_pb2.Call"], None]
@@ -163,7 +163,7 @@ class ChannelServer:
                     f"channel protocol {msg.hello.protocol} is not supported; this daemon speaks "
                     f"{PROTOCOL}: upgrade the vattn client to the daemon's version"
                 )
-            session_id, token = self._open_session(conn, msg.hello.name)
+            session_id, token = self._open_session(conn, msg.hello.name, msg.hello.tenant)
         except Exception as exc:  # noqa: BLE001 - a bad peer must not stop the loop
             log.info("channel: refused pid %d: %s", pid, exc)
             try:

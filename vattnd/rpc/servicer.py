@@ -165,23 +165,57 @@ class PoolServicer(pb_grpc.PoolServicer):
         keep, released = self.service.shrink(request.session_token, request.region_id, request.slot, 0)
         return pb.ShrinkReply(pages_per_tensor=keep, pages_released=released)
 
-    @_rpc
-    def Stats(self, request, context):
+    def stats_reply(self, full: bool) -> pb.StatsReply:
+        """Pools; with ``full`` (admin) also sessions and tenants."""
         snap = self.service.snapshot()
         now = self.service.clock()
-        return pb.StatsReply(
+        reply = pb.StatsReply(
             version=vattnd.__version__,
             backend=BACKENDS[self.service.backend.kind],
             pools=self._pools(),
-            sessions=[
+            uptime_seconds=now - self.service.started_at,
+        )
+        if full:
+            reply.sessions.extend(
                 pb.SessionInfo(
-                    session_id=s.id, pid=s.pid, uid=s.uid, gid=s.gid, name=s.name,
+                    session_id=s.id, pid=s.pid, uid=s.uid, gid=s.gid, name=s.name, tenant=s.tenant,
                     pages=s.pages, regions=s.regions, age_seconds=max(0.0, now - s.opened_at),
                 )
                 for s in snap.sessions
-            ],
-            uptime_seconds=now - self.service.started_at,
-        )
+            )
+            reply.tenants.extend(tenant_info(t) for t in snap.tenants)
+        return reply
+
+    @_rpc
+    def Stats(self, request, context):
+        return self.stats_reply(full=False)
+
+
+def tenant_info(t) -> pb.TenantInfo:
+    return pb.TenantInfo(name=t.name, pages=t.pages, has_quota=t.quota is not None, quota_pages=t.quota or 0,
+                         priority=t.priority, sessions=t.sessions)
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    """Operator calls; served only on the admin socket."""
+
+    def __init__(self, pool: PoolServicer):
+        self.pool = pool
+        self.service = pool.service
+        self.metrics = pool.metrics
+
+    @_rpc
+    def Stats(self, request, context):
+        return self.pool.stats_reply(full=True)
+
+    @_rpc
+    def SetQuota(self, request, context):
+        page_size = self.service.core.page_size
+        pages = None if request.unlimited else request.quota_bytes // page_size
+        priority = request.priority if request.set_priority else None
+        self.service.set_quota(request.tenant, pages, priority, keep_quota=request.keep_quota)
+        snap = self.service.snapshot()
+        return tenant_info(next(t for t in snap.tenants if t.name == request.tenant))
 
 
 def create_server(address: str, servicer: PoolServicer, max_workers: int = 16) -> tuple[grpc.Server, health.HealthServicer]:
@@ -206,3 +240,14 @@ def create_server(address: str, servicer: PoolServicer, max_workers: int = 16) -
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
     return server, health_servicer
+
+
+def create_admin_server(address: str, admin: AdminServicer) -> grpc.Server:
+    """The admin service on its own socket (access is the socket file's permissions)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="vattnd-admin"))
+    pb_grpc.add_AdminServicer_to_server(admin, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Admin"].full_name, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vattn.v1 import vattn_pb2 as vattn_dot_v1_dot_vattn__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vattn/v1/channel.proto\x12\x08vattn.v1\x1a\x14vattn/v1/vattn.proto\"\'\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\"4\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\x19\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\"=\n\tPageBatch\x12\x11\n\tgrant_seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"\xc2\x01\n\x04\x43\x61ll\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x04grow\x18\x02 \x01(\x0b\x32\x15.vattn.v1.GrowRequestH\x00\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x15.vattn.v1.StepRequestH\x00\x12)\n\x06shrink\x18\x04 \x01(\x0b\x32\x17.vattn.v1.ShrinkRequestH\x00\x12%\n\x04\x66ree\x18\x05 \x01(\x0b\x32\x15.vattn.v1.FreeRequestH\x00\x42\t\n\x07request\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9d\x01\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x05grant\x18\x02 \x01(\x0b\x32\x14.vattn.v1.GrantReplyH\x00\x12\'\n\x06shrink\x18\x03 \x01(\x0b\x32\x15.vattn.v1.ShrinkReplyH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.vattn.v1.CallErrorH\x00\x42\x08\n\x06result\"/\n\x0eReclaimRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\r\n\x05pages\x18\x02 \x01(\x04\"\xa1\x02\n\x0e\x43hannelMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.vattn.v1.HelloH\x00\x12$\n\x07welcome\x18\x02 \x01(\x0b\x32\x11.vattn.v1.WelcomeH\x00\x12$\n\x07refused\x18\x03 \x01(\x0b\x32\x11.vattn.v1.RefusedH\x00\x12$\n\x05pages\x18\x04 \x01(\x0b\x32\x13.vattn.v1.PageBatchH\x00\x12\x1e\n\x04\x63\x61ll\x18\x05 \x01(\x0b\x32\x0e.vattn.v1.CallH\x00\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x14.vattn.v1.CallResultH\x00\x12+\n\x07reclaim\x18\x07 \x01(\x0b\x32\x18.vattn.v1.ReclaimRequestH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vattn/v1/channel.proto\x12\x08vattn.v1\x1a\x14vattn/v1/vattn.proto\"7\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"4\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\x19\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\"=\n\tPageBatch\x12\x11\n\tgrant_seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"\xc2\x01\n\x04\x43\x61ll\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x04grow\x18\x02 \x01(\x0b\x32\x15.vattn.v1.GrowRequestH\x00\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x15.vattn.v1.StepRequestH\x00\x12)\n\x06shrink\x18\x04 \x01(\x0b\x32\x17.vattn.v1.ShrinkRequestH\x00\x12%\n\x04\x66ree\x18\x05 \x01(\x0b\x32\x15.vattn.v1.FreeRequestH\x00\x42\t\n\x07request\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9d\x01\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x05grant\x18\x02 \x01(\x0b\x32\x14.vattn.v1.GrantReplyH\x00\x12\'\n\x06shrink\x18\x03 \x01(\x0b\x32\x15.vattn.v1.ShrinkReplyH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.vattn.v1.CallErrorH\x00\x42\x08\n\x06result\"/\n\x0eReclaimRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\r\n\x05pages\x18\x02 \x01(\x04\"\xa1\x02\n\x0e\x43hannelMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.vattn.v1.HelloH\x00\x12$\n\x07welcome\x18\x02 \x01(\x0b\x32\x11.vattn.v1.WelcomeH\x00\x12$\n\x07refused\x18\x03 \x01(\x0b\x32\x11.vattn.v1.RefusedH\x00\x12$\n\x05pages\x18\x04 \x01(\x0b\x32\x13.vattn.v1.PageBatchH\x00\x12\x1e\n\x04\x63\x61ll\x18\x05 \x01(\x0b\x32\x0e.vattn.v1.CallH\x00\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x14.vattn.v1.CallResultH\x00\x12+\n\x07reclaim\x18\x07 \x01(\x0b\x32\x18.vattn.v1.ReclaimRequestH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vattn.v1.channel_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=58
-  _globals['_HELLO']._serialized_end=97
-  _globals['_WELCOME']._serialized_start=99
-  _globals['_WELCOME']._serialized_end=151
-  _globals['_REFUSED']._serialized_start=153
-  _globals['_REFUSED']._serialized_end=178
-  _globals['_PAGEBATCH']._serialized_start=180
-  _globals['_PAGEBATCH']._serialized_end=241
-  _globals['_CALL']._serialized_start=244
-  _globals['_CALL']._serialized_end=438
-  _globals['_CALLERROR']._serialized_start=440
-  _globals['_CALLERROR']._serialized_end=482
-  _globals['_CALLRESULT']._serialized_start=485
-  _globals['_CALLRESULT']._serialized_end=642
-  _globals['_RECLAIMREQUEST']._serialized_start=644
-  _globals['_RECLAIMREQUEST']._serialized_end=691
-  _globals['_CHANNELMESSAGE']._serialized_start=694
-  _globals['_CHANNELMESSAGE']._serialized_end=983
+  _globals['_HELLO']._serialized_end=113
+  _globals['_WELCOME']._serialized_start=115
+  _globals['_WELCOME']._serialized_end=167
+  _globals['_REFUSED']._serialized_start=169
+  _globals['_REFUSED']._serialized_end=194
+  _globals['_PAGEBATCH']._serialized_start=196
+  _globals['_PAGEBATCH']._serialized_end=257
+  _globals['_CALL']._serialized_start=260
+  _globals['_CALL']._serialized_end=454
+  _globals['_CALLERROR']._serialized_start=456
+  _globals['_CALLERROR']._serialized_end=498
+  _globals['_CALLRESULT']._serialized_start=501
+  _globals['_CALLRESULT']._serialized_end=658
+  _globals['_RECLAIMREQUEST']._serialized_start=660
+  _globals['_RECLAIMREQUEST']._serialized_end=707
+  _globals['_CHANNELMESSAGE']._serialized_start=710
+  _globals['_CHANNELMESSAGE']._serialized_end=999
 # @@protoc_insertion_point(module_scope)

@@ -240,8 +240,40 @@ class DevicePool(_message.Message):
     pages_idle: int
     def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ..., pages_idle: _Optional[int] = ...) -> None: ...
 
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("tenant", "quota_bytes", "unlimited", "priority", "set_priority", "keep_quota")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNLIMITED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SET_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    quota_bytes: int
+    unlimited: bool
+    priority: int
+    set_priority: bool
+    keep_quota: bool
+    def __init__(self, tenant: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., unlimited: _Optional[bool] = ..., priority: _Optional[int] = ..., set_priority: _Optional[bool] = ..., keep_quota: _Optional[bool] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("name", "pages", "has_quota", "quota_pages", "priority", "sessions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    HAS_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pages: int
+    has_quota: bool
+    quota_pages: int
+    priority: int
+    sessions: int
+    def __init__(self, name: _Optional[str] = ..., pages: _Optional[int] = ..., has_quota: _Optional[bool] = ..., quota_pages: _Optional[int] = ..., priority: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "pid", "uid", "gid", "name", "pages", "regions", "age_seconds")
+    __slots__ = ("session_id", "pid", "uid", "gid", "name", "pages", "regions", "age_seconds", "tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +282,7 @@ class SessionInfo(_message.Message):
     PAGES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     pid: int
     uid: int
@@ -258,18 +291,21 @@ class SessionInfo(_message.Message):
     pages: int
     regions: int
     age_seconds: float
-    def __init__(self, session_id: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., name: _Optional[str] = ..., pages: _Optional[int] = ..., regions: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+    tenant: str
+    def __init__(self, session_id: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., name: _Optional[str] = ..., pages: _Optional[int] = ..., regions: _Optional[int] = ..., age_seconds: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("version", "backend", "pools", "sessions", "uptime_seconds")
+    __slots__ = ("version", "backend", "pools", "sessions", "uptime_seconds", "tenants")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: Backend
     pools: _containers.RepeatedCompositeFieldContainer[DevicePool]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     uptime_seconds: float
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., pools: _Optional[_Iterable[_Union[DevicePool, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., pools: _Optional[_Iterable[_Union[DevicePool, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...

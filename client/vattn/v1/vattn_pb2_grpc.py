@@ -139,7 +139,8 @@ class PoolServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Pools and sessions, for operators and tools (`vattnd stats`).
+        """The pools (pages per state). Sessions and tenants are listed only by
+        Admin.Stats, on the admin socket.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -406,6 +407,133 @@ class Pool:
             '/vattn.v1.Pool/Stats',
             vattn_dot_v1_dot_vattn__pb2.StatsRequest.SerializeToString,
             vattn_dot_v1_dot_vattn__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Operator-facing service, served on its own Unix socket (<socket>.admin,
+    mode 0600, or 0660 with --admin-group): filesystem permissions decide who
+    may call it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Stats = channel.unary_unary(
+                '/vattn.v1.Admin/Stats',
+                request_serializer=vattn_dot_v1_dot_vattn__pb2.StatsRequest.SerializeToString,
+                response_deserializer=vattn_dot_v1_dot_vattn__pb2.StatsReply.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/vattn.v1.Admin/SetQuota',
+                request_serializer=vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=vattn_dot_v1_dot_vattn__pb2.TenantInfo.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator-facing service, served on its own Unix socket (<socket>.admin,
+    mode 0600, or 0660 with --admin-group): filesystem permissions decide who
+    may call it.
+    """
+
+    def Stats(self, request, context):
+        """Pools, sessions and tenants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Sets a tenant's quota and/or priority; takes effect for the next grants
+        (lowering a quota takes nothing back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=vattn_dot_v1_dot_vattn__pb2.StatsRequest.FromString,
+                    response_serializer=vattn_dot_v1_dot_vattn__pb2.StatsReply.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.FromString,
+                    response_serializer=vattn_dot_v1_dot_vattn__pb2.TenantInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vattn.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vattn.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator-facing service, served on its own Unix socket (<socket>.admin,
+    mode 0600, or 0660 with --admin-group): filesystem permissions decide who
+    may call it.
+    """
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vattn.v1.Admin/Stats',
+            vattn_dot_v1_dot_vattn__pb2.StatsRequest.SerializeToString,
+            vattn_dot_v1_dot_vattn__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vattn.v1.Admin/SetQuota',
+            vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.SerializeToString,
+            vattn_dot_v1_dot_vattn__pb2.TenantInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,155 @@
+"""Tenants, quotas and access control against a real daemon."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vattn
+from tests.conftest import start_daemon
+from vattn.session import set_quota, stats
+from vattn.v1 import channel_pb2
+
+NOBODY = 65534  # uid and gid of nobody / nogroup on Debian
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vattnd_cli", *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.fixture
+def tenant_daemon(short_tmp):
+    d = start_daemon(short_tmp, "--quota", "small=1MiB", "--priority", "small=-1", "--tenant-uids", "locked=4242")
+    yield d
+    assert d.wait_used_pages(0) == 0
+    assert d.stop() == 0, d.log()
+
+
+def test_quota_bounds_a_tenant_and_only_that_tenant(tenant_daemon):
+    d = tenant_daemon
+    with vattn.connect(d.socket, tenant="small") as a, vattn.connect(d.socket, tenant="small") as a2, \
+            vattn.connect(d.socket, tenant="big") as b:
+        ca = a.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
+        ca.grow(0, 2048)  # 8 pages x 2 tensors = 16 pages = 1 MiB: the whole quota
+        ca2 = a2.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
+        before = stats(d.socket)
+        with pytest.raises(vattn.ResourceExhausted, match=r"tenant 'small' is at its quota: this call needs 2 more "
+                                                          r"pages .* holds 16 of its 16"):
+            ca2.grow(0, 10)  # another session of the same tenant
+        assert stats(d.socket).pools == before.pools
+        cb = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
+        cb.grow(0, 4096)  # tenant big has no quota
+        tenants = {t.name: t for t in stats(d.socket).tenants}
+        assert (tenants["small"].pages, tenants["small"].quota_pages, tenants["small"].priority) == (16, 16, -1)
+        assert (tenants["big"].pages, tenants["big"].has_quota, tenants["big"].sessions) == (32, False, 1)
+        # A region is its session's: another tenant cannot name it.
+        with pytest.raises(vattn.PermissionDenied):
+            b.session.grow(ca.region_id, 1, 10)
+        # The operator raises the quota, from the CLI; the same grow goes through.
+        out = run_cli("quota", "set", "small", "2MiB", "--socket", d.socket, "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"name": "small", "pages": 16, "quota_pages": 32, "priority": -1,
+                                          "sessions": 2}
+        ca2.grow(0, 10)
+        out = run_cli("quota", "set", "small", "--priority", "5", "--socket", d.socket)
+        assert out.returncode == 0 and "32 pages, priority 5" in out.stdout
+        info = set_quota("small", None, socket_path=d.socket)
+        assert not info.has_quota and info.priority == 5
+        out = run_cli("quota", "list", "--json", "--socket", d.socket)
+        assert {t["name"]: t["quota_pages"] for t in json.loads(out.stdout)} == {"big": None, "small": None}
+        out = run_cli("stats", "--socket", d.socket)
+        assert out.returncode == 0 and "Tenants" in out.stdout and "small" in out.stdout
+
+
+def test_tenant_names_and_uids_are_checked(tenant_daemon):
+    d = tenant_daemon
+    with pytest.raises(vattn.Unavailable, match=r"uid 0 may not open sessions for tenant 'locked'"):
+        vattn.connect(d.socket, tenant="locked")
+    with pytest.raises(vattn.Unavailable, match="is not valid"):
+        vattn.connect(d.socket, tenant="no spaces please")
+    with pytest.raises(vattn.InvalidArgument, match="is not valid"):
+        set_quota("bad/name", 1 << 20, socket_path=d.socket)
+    assert "refused" in d.log()
+
+
+def test_sockets_have_restrictive_permissions_and_admin_is_separate(daemon, pool):
+    for path, mode in ((daemon.socket, 0o660), (daemon.socket + ".fd", 0o660), (daemon.socket + ".admin", 0o600)):
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, path
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=1, head_dim=8, max_batch=1, max_context=16)
+    cache.grow(0, 16)
+    # Workers see the pools; sessions and tenants only on the admin socket.
+    worker_view = pool.stats()
+    assert worker_view.pools[0].pages_used == 2 and not worker_view.sessions and not worker_view.tenants
+    assert [s.name for s in stats(daemon.socket).sessions] == ["pytest"]
+
+
+def as_nobody(probe) -> str:
+    """Runs ``probe()`` in a forked child as nobody/nogroup; returns what it returned (or its error)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: raw sockets only, no gRPC, then _exit
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = probe()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            result = f"{type(exc).__name__}: {exc}"
+        os.write(w, result.encode()[:4000])
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        out = fh.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def connect_stream(path: str) -> str:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.close()
+    return "connected"
+
+
+def open_session(path: str, tenant: str) -> str:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(path)
+    hello = channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="nobody", protocol=1, tenant=tenant))
+    sock.send(hello.SerializeToString())
+    reply = channel_pb2.ChannelMessage.FromString(sock.recv(4096))
+    time.sleep(0.5)  # hold the session while the parent looks
+    return reply.WhichOneof("kind") + (f" {reply.refused.reason}" if reply.HasField("refused") else "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_other_users_are_kept_out_unless_the_group_lets_them_in(short_tmp):
+    os.chmod(short_tmp, 0o755)
+    d = start_daemon(short_tmp, "--socket-group", "nogroup", "--tenant-uids", f"guests={NOBODY}",
+                     "--tenant-uids", "staff=0")
+    try:
+        # nogroup may use the worker sockets, and SO_PEERCRED tells the daemon who it is.
+        assert as_nobody(lambda: connect_stream(d.socket)) == "connected"
+        assert as_nobody(lambda: open_session(d.socket + ".fd", "guests")) == "welcome"
+        assert "opened by pid" in d.log() and f"uid {NOBODY} for tenant guests" in d.log()
+        assert as_nobody(lambda: open_session(d.socket + ".fd", "anyone")) == "welcome"  # no uid list: open
+        refused = as_nobody(lambda: open_session(d.socket + ".fd", "staff"))
+        assert refused.startswith("refused") and f"uid {NOBODY} may not open sessions for tenant 'staff'" in refused
+        # The admin socket stays the owner's.
+        assert "PermissionError" in as_nobody(lambda: connect_stream(d.socket + ".admin"))
+    finally:
+        assert d.stop() == 0
+    # Without --socket-group, nobody cannot reach the worker sockets at all.
+    d = start_daemon(short_tmp, "--tenant-uids", "guests=0")
+    try:
+        assert "PermissionError" in as_nobody(lambda: connect_stream(d.socket))
+        assert "PermissionError" in as_nobody(lambda: open_session(d.socket + ".fd", "guests"))
+    finally:
+        assert d.stop() == 0
