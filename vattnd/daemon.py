@@ -187,7 +187,7 @@ class Daemon:
                                      self.fastpath, cfg.socket_mode)
 
         if cfg.metrics_port is not None:
-            self.registry.register(PoolCollector(service.snapshot, names, lambda: service.sessions_opened))
+            self.registry.register(PoolCollector(service.snapshot, names, service.counters))
             self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
             host, port = self.metrics_server.server_address[:2]
             self.metrics_url = f"http://{host}:{port}"

@@ -23,10 +23,10 @@ LATENCY_BUCKETS = (
 
 class PoolCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot], device_names: dict[int, str],
-                 sessions_opened: Callable[[], int]):
+                 counters: Callable[[], dict[str, int]]):
         self._snapshot = snapshot
         self._names = device_names
-        self._sessions_opened = sessions_opened
+        self._counters = counters
 
     def describe(self) -> Iterable[Metric]:
         return []  # computed at scrape time; nothing to check at registration
@@ -71,8 +71,27 @@ class PoolCollector(Collector):
             sessions.add_metric([str(s.id), str(s.pid), s.name], s.pages)
         yield sessions
         yield GaugeMetricFamily("vattnd_sessions", "Open sessions.", value=len(snap.sessions))
+        tenant_pages = GaugeMetricFamily("vattnd_tenant_pages", "Pages held by each tenant.", labels=["tenant"])
+        tenant_quota = GaugeMetricFamily(
+            "vattnd_tenant_quota_pages", "Each tenant's quota, where it has one.", labels=["tenant"]
+        )
+        for t in snap.tenants:
+            tenant_pages.add_metric([t.name], t.pages)
+            if t.quota is not None:
+                tenant_quota.add_metric([t.name], t.quota)
+        yield tenant_pages
+        yield tenant_quota
+        counters = self._counters()
         yield CounterMetricFamily(
-            "vattnd_sessions_opened", "Sessions opened since start.", value=self._sessions_opened()
+            "vattnd_sessions_opened", "Sessions opened since start.", value=counters["sessions_opened"]
+        )
+        yield CounterMetricFamily(
+            "vattnd_pages_scrubbed", "Pages replaced by zeroed ones because they crossed tenants.",
+            value=counters["pages_scrubbed"],
+        )
+        yield CounterMetricFamily(
+            "vattnd_reclaim_requests", "Requests sent to sessions to give idle pages back.",
+            value=counters["reclaims_asked"],
         )
 
 

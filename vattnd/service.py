@@ -46,6 +46,7 @@ class PoolService:
         # Notified whenever pages return to a pool: grants waiting for reclaimed pages retry.
         self._released = threading.Condition(self.lock)
         self.reclaims_asked = 0
+        self.pages_scrubbed = 0
         # Tenant -> Unix uids allowed to open sessions for it (absent: anyone).
         self.tenant_uids: dict[str, set[int]] = {}
         # fd of every page, indexed by page id (the backend owns them).
@@ -137,7 +138,18 @@ class PoolService:
             with self.lock:
                 region = self.core.register_region(handle.session_id, geometry, device, spare)
                 spares = tuple(region.spare)
+                scrub = self.core.claim(spares, self.core.tenant_of(handle.session_id))
+            self._scrub(device, scrub)
             return region, self._send(handle, spares), spares
+
+    def _scrub(self, device: int, pages: Sequence[int]) -> None:
+        """Replaces pages that crossed tenants with zeroed ones (the caller owns them now)."""
+        if not pages:
+            return
+        fds = self.fds
+        for page, fd in zip(pages, self.backend.replace_pages(device, [fds[p] for p in pages])):
+            fds[page] = fd
+        self.pages_scrubbed += len(pages)
 
     def _send(self, handle: SessionHandle, pages: Sequence[int]) -> int:
         """Sends the fds of ``pages`` (caller holds the send lock); returns the grant_seq, 0 if none."""
@@ -183,6 +195,9 @@ class PoolService:
                 while True:
                     try:
                         grant = self.core.step(handle.session_id, region_id, entries)
+                        if grant is not EMPTY_GRANT:
+                            scrub = self.core.claim(grant.fd_pages, self.core.tenant_of(handle.session_id))
+                            device = self.core.region(handle.session_id, region_id).device
                         break
                     except ResourceExhausted as exc:
                         now = time.monotonic()
@@ -205,6 +220,7 @@ class PoolService:
                         self._released.wait(deadline - now)
             if grant is EMPTY_GRANT:
                 return 0, grant
+            self._scrub(device, scrub)
             return self._send(handle, grant.fd_pages), grant
 
     def needs_reclaim(self, handle: SessionHandle, region_id: int) -> bool:
@@ -263,6 +279,10 @@ class PoolService:
             return region.slot_pages_per_tensor(slot) if pages else 0
 
     # ----- observing -------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages_scrubbed,
+                "reclaims_asked": self.reclaims_asked}
+
     def snapshot(self) -> Snapshot:
         with self.lock:
             return self.core.snapshot()

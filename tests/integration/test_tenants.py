@@ -153,3 +153,46 @@ def test_other_users_are_kept_out_unless_the_group_lets_them_in(short_tmp):
         assert "PermissionError" in as_nobody(lambda: open_session(d.socket + ".fd", "guests"))
     finally:
         assert d.stop() == 0
+
+
+def test_pages_crossing_tenants_are_zeroed_and_stale_holders_see_nothing_new(tenant_daemon):
+    import mmap
+
+    import torch
+
+    from tests.integration.test_ops import scrape, value
+
+    d = tenant_daemon
+    geometry = dict(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
+    with vattn.connect(d.socket, tenant="big") as a:
+        ca = a.kv_cache(**geometry)
+        # A misbehaving worker of tenant "big": it maps page fds itself and never unmaps.
+        reply, fds = a.session.grow(ca.region_id, 0, 512)  # 2 pages x 2 tensors
+        stale = [mmap.mmap(fd, ca.page_size) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        for m in stale:
+            m[:] = b"\x07" * len(m)
+        pages_a = set(reply.page_ids)
+        a.session.free(ca.region_id, 0)  # gives the pages back but keeps its mappings
+        # The same tenant gets its own pages back as they are (no scrub needed).
+        with vattn.connect(d.socket, tenant="big") as a2:
+            c2 = a2.kv_cache(**geometry)
+            c2.grow(0, 512)
+            assert torch.all(c2.k[0][0, :512].view(torch.uint8) == 7)
+        # Another tenant gets the same page ids as fresh, zeroed pages.
+        with vattn.connect(d.socket, tenant="other") as b:
+            cb = b.kv_cache(**geometry)
+            reply_b, fds_b = b.session.grow(cb.region_id, 0, 512)
+            cb._map(reply_b, fds_b)
+            assert set(reply_b.page_ids) == pages_a
+            assert torch.all(cb.k[0][0, :512] == 0) and torch.all(cb.v[0][0, :512] == 0)
+            cb.k[0][0, :512] = 9.0
+            cb.v[0][0, :512] = 9.0
+            # What tenant "big" still maps is its own old memory, not tenant "other"'s.
+            assert all(m[:] == b"\x07" * len(m) for m in stale)
+            cb.free(0)
+        samples = scrape(d.metrics_url)
+        assert value(samples, "vattnd_pages_scrubbed_total") == 4
+        for m in stale:
+            m.close()

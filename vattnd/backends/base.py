@@ -35,6 +35,14 @@ class PageBackend(Protocol):
 
     def create_pages(self, device: int, count: int) -> list[int]: ...
 
+    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
+        """Swaps pages for fresh zeroed ones; returns their fds.
+
+        The old pages are released by the daemon; a worker that still holds
+        one (an mmap, an imported handle) keeps only that old memory, which no
+        one else will ever receive.
+        """
+
     def close(self) -> None: ...
 
 

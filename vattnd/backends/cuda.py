@@ -43,8 +43,8 @@ class CudaBackend:
         self._devices: list[DeviceInfo] = []
         self._ctx: dict[int, object] = {}
         self._prop: dict[int, object] = {}
-        self._handles: list[object] = []
-        self._fds: list[int] = []
+        self._handle_of: dict[int, object] = {}  # exported fd -> its handle
+        self._scratch: dict[int, int] = {}  # device -> a page of address space for zeroing
         fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         self._fd_type = fd_type
         for index in wanted:
@@ -90,7 +90,7 @@ class CudaBackend:
                 if err != cu.CUresult.CUDA_SUCCESS:
                     if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
                         raise BackendUnavailable(
-                            f"GPU {device} ran out of memory after {len(self._fds) + len(fds)} pages: "
+                            f"GPU {device} ran out of memory after {len(self._handle_of) + len(fds)} pages: "
                             "lower --pool-size (other processes may hold memory too)"
                         )
                     check(cu, (err,), "cuMemCreate")
@@ -103,21 +103,51 @@ class CudaBackend:
                 cu.cuMemRelease(handle)
             raise
         with self._lock:
-            self._handles.extend(handles)
-            self._fds.extend(fds)
+            self._handle_of.update(zip(fds, handles))
         return fds
+
+    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
+        """New pages, zeroed through a scratch mapping in the daemon; the old handles are released."""
+        cu = self.cu
+        new = self.create_pages(device, len(fds))
+        with self._lock:
+            new_handles = [self._handle_of[fd] for fd in new]
+            released = [self._handle_of.pop(fd) for fd in fds]
+        self._make_current(device)
+        size = self.page_size
+        scratch = self._scratch.get(device)
+        if scratch is None:
+            scratch = self._scratch[device] = int(check(cu, cu.cuMemAddressReserve(size, size, 0, 0), "reserve"))
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = device
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        for handle in new_handles:
+            check(cu, cu.cuMemMap(scratch, size, 0, handle, 0), "cuMemMap (scrub)")
+            check(cu, cu.cuMemSetAccess(scratch, size, [access], 1), "cuMemSetAccess (scrub)")
+            check(cu, cu.cuMemsetD8(scratch, 0, size), "cuMemsetD8 (scrub)")
+            check(cu, cu.cuCtxSynchronize(), "cuCtxSynchronize (scrub)")
+            check(cu, cu.cuMemUnmap(scratch, size), "cuMemUnmap (scrub)")
+        for fd in fds:
+            os.close(fd)
+        for handle in released:
+            cu.cuMemRelease(handle)
+        return new
 
     def close(self) -> None:
         cu = self.cu
         with self._lock:
-            handles, self._handles = self._handles, []
-            fds, self._fds = self._fds, []
-        for fd in fds:
+            handle_of, self._handle_of = self._handle_of, {}
+        handles = list(handle_of.values())
+        for fd in handle_of:
             os.close(fd)
         if self._ctx:
             self._make_current(next(iter(self._ctx)))
         for handle in handles:
             cu.cuMemRelease(handle)
+        for scratch in self._scratch.values():
+            cu.cuMemAddressFree(scratch, self.page_size)
+        self._scratch.clear()
         for index in list(self._ctx):
             dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
             cu.cuDevicePrimaryCtxRelease(dev)

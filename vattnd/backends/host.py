@@ -30,7 +30,7 @@ class HostBackend:
                 f"{mmap.PAGESIZE}: pick e.g. 64KiB or 2MiB"
             )
         self.page_size = page_size
-        self.fds: list[int] = []
+        self._fds: set[int] = set()  # every page fd this backend owns
 
     def devices(self) -> Sequence[DeviceInfo]:
         return (DeviceInfo(0, "cpu", _host_memory()),)
@@ -41,15 +41,22 @@ class HostBackend:
         fds = []
         try:
             for _ in range(count):
-                fd = os.memfd_create(f"vattnd-page-{len(self.fds)}", os.MFD_CLOEXEC)
-                self.fds.append(fd)
+                fd = os.memfd_create("vattnd-page", os.MFD_CLOEXEC)
+                self._fds.add(fd)
                 os.ftruncate(fd, self.page_size)
                 fds.append(fd)
         except OSError as exc:
-            raise BackendUnavailable(f"cannot create host page {len(self.fds)}: {exc}") from exc
+            raise BackendUnavailable(f"cannot create host page {len(self._fds)}: {exc}") from exc
         return fds
 
+    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
+        new = self.create_pages(device, len(fds))  # a new memfd reads as zeros
+        for fd in fds:
+            self._fds.discard(fd)
+            os.close(fd)
+        return new
+
     def close(self) -> None:
-        fds, self.fds = self.fds, []
+        fds, self._fds = self._fds, set()
         for fd in fds:
             os.close(fd)

@@ -227,6 +227,9 @@ class PoolCore:
         # Device of every page, indexed by page id: ids are dense and given in
         # the order pages are added, whatever the device.
         self._device_of: list[int] = []
+        # The tenant whose session held each page last (None: never held, or
+        # scrubbed). A page crossing to another tenant is scrubbed first.
+        self._last_tenant: list[str | None] = []
         self._sessions: dict[SessionId, Session] = {}
         self._regions: dict[RegionId, Region] = {}
         # Tenants: pages held (all their sessions), quotas (pages) and priorities.
@@ -258,6 +261,7 @@ class PoolCore:
         first = len(self._device_of)
         ids = range(first, first + count)
         self._device_of.extend([device] * count)
+        self._last_tenant.extend([None] * count)
         self._total[device] += count
         # Prepended in reverse, so pop() keeps handing out the lowest ids first.
         free[:0] = reversed(ids)
@@ -539,6 +543,19 @@ class PoolCore:
             grants.append(SlotGrant(slot, have, count))
         self._charge(self._sessions[region.session], fresh_n)
         return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region))
+
+    def claim(self, pages: Sequence[int], tenant: str) -> list[PageId]:
+        """Records that ``tenant`` now holds ``pages`` (whose fds are about to go out).
+
+        Returns those another tenant held last: they must be scrubbed
+        (replaced with zeroed pages) first, so no tenant ever sees another's
+        data, nor shares a page another tenant may still have mapped.
+        """
+        last = self._last_tenant
+        scrub = [PageId(p) for p in pages if last[p] is not None and last[p] != tenant]
+        for p in pages:
+            last[p] = tenant
+        return scrub
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
         """Returns the pages of ``slot`` beyond ``tokens`` tokens.
