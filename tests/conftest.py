@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import vattn
+from vattn.session import audit
 from vattn.session import stats as fetch_stats
 from vattn.v1 import vattn_pb2 as pb
 from vattn.v1 import vattn_pb2_grpc as pb_grpc
@@ -110,6 +111,7 @@ def daemon(short_tmp):
     d = start_daemon(short_tmp)
     yield d
     assert d.wait_used_pages(0) == 0, "pages leaked: the test ended with pages still granted"
+    audit(d.socket)  # raises if any page is owned twice or the counts disagree
     code = d.stop()
     assert code == 0, f"vattnd exited with {code} on SIGTERM:\n{d.log()}"
     assert "Traceback" not in d.log(), d.log()

@@ -147,6 +147,9 @@ class Daemon:
     # ----- start -----------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        # grpc logs a traceback for every request it cannot parse: a client
+        # could flood the log with them. Such calls still get their status.
+        logging.getLogger("grpc._common").setLevel(logging.CRITICAL)
         t0 = time.monotonic()
         try:
             self.backend = open_backend(cfg.backend, cfg.page_size, cfg.devices)

@@ -279,6 +279,12 @@ class PoolService:
             return region.slot_pages_per_tensor(slot) if pages else 0
 
     # ----- observing -------------------------------------------------------
+    def audit(self) -> tuple[int, Snapshot]:
+        """Checks the core's invariants (AssertionError if broken); returns (pages owned, snapshot)."""
+        with self.lock:
+            self.core.check_invariants()
+            return len(self.core.owners()), self.core.snapshot()
+
     def counters(self) -> dict[str, int]:
         return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages_scrubbed,
                 "reclaims_asked": self.reclaims_asked}

@@ -25,6 +25,8 @@ DEFAULT_TIMEOUT_S = 30.0
 # "channel": Grow/Step/Shrink/Free on the fd channel (tens of microseconds);
 # "grpc": the same calls over gRPC (about a millisecond from Python).
 TRANSPORTS = ("channel", "grpc")
+# Largest request sent on the channel; a Unix datagram is bounded by the socket buffer (~200 KiB).
+CHANNEL_MAX_CALL = 128 << 10
 
 
 def translate(exc: grpc.RpcError, socket_path: str) -> VattnError:
@@ -137,7 +139,9 @@ class Session:
 
     def _granted(self, method, request, field: str) -> tuple[pb.GrantReply, list[int]]:
         with self._lock:
-            if self.transport == "channel":
+            # A call too big for one datagram (a Step of tens of thousands of
+            # slots) goes over gRPC instead; the results are the same.
+            if self.transport == "channel" and request.ByteSize() <= CHANNEL_MAX_CALL:
                 reply = self._on_channel(channel_pb2.Call(**{field: request})).grant
             else:
                 reply = self._call(method, request)
@@ -266,6 +270,11 @@ def _admin_call(socket_path: str | None, method: str, request, timeout: float):
 def stats(socket_path: str | None = None, timeout: float = 5.0) -> pb.StatsReply:
     """Pools, sessions and tenants from the admin socket (for operators' tools such as `vattnd stats`)."""
     return _admin_call(socket_path, "Stats", pb.StatsRequest(), timeout)
+
+
+def audit(socket_path: str | None = None, timeout: float = 10.0) -> pb.AuditReply:
+    """Asks the daemon to check its pool's invariants (admin socket); raises Internal if broken."""
+    return _admin_call(socket_path, "Audit", pb.AuditRequest(), timeout)
 
 
 def set_quota(tenant: str, quota_bytes: int | None, priority: int | None = None, socket_path: str | None = None,

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import vattnd
-from vattn.errors import InvalidArgument, VattnError
+from vattn.errors import Internal, InvalidArgument, VattnError
 from vattn.v1 import vattn_pb2 as pb
 from vattn.v1 import vattn_pb2_grpc as pb_grpc
 from vattnd.metrics import RpcMetrics
@@ -207,6 +207,17 @@ class AdminServicer(pb_grpc.AdminServicer):
     @_rpc
     def Stats(self, request, context):
         return self.pool.stats_reply(full=True)
+
+    @_rpc
+    def Audit(self, request, context):
+        try:
+            owned, snap = self.service.audit()
+        except AssertionError as exc:
+            log.error("audit failed: %s", exc)
+            raise Internal(f"pool invariant broken: {exc}") from None
+        return pb.AuditReply(pages_total=sum(d.pages_total for d in snap.devices),
+                             pages_free=sum(d.pages_free for d in snap.devices), pages_owned=owned,
+                             sessions=len(snap.sessions))
 
     @_rpc
     def SetQuota(self, request, context):

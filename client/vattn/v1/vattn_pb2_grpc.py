@@ -440,6 +440,11 @@ class AdminStub:
                 request_serializer=vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.SerializeToString,
                 response_deserializer=vattn_dot_v1_dot_vattn__pb2.TenantInfo.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/vattn.v1.Admin/Audit',
+                request_serializer=vattn_dot_v1_dot_vattn__pb2.AuditRequest.SerializeToString,
+                response_deserializer=vattn_dot_v1_dot_vattn__pb2.AuditReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -463,6 +468,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Audit(self, request, context):
+        """Checks the pool's invariants now: every page free or owned by exactly
+        one slot, spare or idle list; counts per device, session and tenant
+        agree. INTERNAL, with what is wrong, if not (a bug: please report it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -475,6 +489,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetQuota,
                     request_deserializer=vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.FromString,
                     response_serializer=vattn_dot_v1_dot_vattn__pb2.TenantInfo.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=vattn_dot_v1_dot_vattn__pb2.AuditRequest.FromString,
+                    response_serializer=vattn_dot_v1_dot_vattn__pb2.AuditReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -534,6 +553,33 @@ class Admin:
             '/vattn.v1.Admin/SetQuota',
             vattn_dot_v1_dot_vattn__pb2.SetQuotaRequest.SerializeToString,
             vattn_dot_v1_dot_vattn__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vattn.v1.Admin/Audit',
+            vattn_dot_v1_dot_vattn__pb2.AuditRequest.SerializeToString,
+            vattn_dot_v1_dot_vattn__pb2.AuditReply.FromString,
             options,
             channel_credentials,
             insecure,
