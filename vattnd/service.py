@@ -162,9 +162,9 @@ class PoolService:
             conn.send_pages(handle.grant_seq, [fds[p] for p in pages])
         except ChannelBroken as exc:
             # The worker is gone or stuck: end the session, which returns
-            # these pages with the rest.
-            conn.close()
+            # these pages with the rest (the channel thread closes the socket).
             self.close_session(conn)
+            conn.shutdown()
             raise Unavailable(f"{exc}; the session was closed: reconnect") from exc
         return handle.grant_seq
 

@@ -68,7 +68,19 @@ class Connection:
             )
             self.send_message(msg, chunk)
 
+    def shutdown(self) -> None:
+        """Ends the connection from any thread: the channel thread sees EOF and cleans up.
+
+        (Closing the socket here instead would leave its fd registered in the
+        selector, and the next connection given the same fd number could not be.)
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
+        """Closes the socket; only the channel thread calls this."""
         if not self._closed:
             self._closed = True
             try:
@@ -131,12 +143,32 @@ class ChannelServer:
             for key, _ in self._selector.select():
                 if key.data == "wake":
                     return
-                if key.data is None:
-                    self._accept()
-                elif isinstance(key.data, Connection):
-                    self._readable(key.data)
-                else:  # a new socket waiting for its Hello
-                    self._hello(key.fileobj)
+                try:
+                    if key.data is None:
+                        self._accept()
+                    elif isinstance(key.data, Connection):
+                        self._readable(key.data)
+                    else:  # a new socket waiting for its Hello
+                        self._hello(key.fileobj)
+                except Exception:  # noqa: BLE001 - one connection's trouble must not stop the channel
+                    log.exception("fd channel: error on a connection; dropping it")
+                    self._drop(key)
+
+    def _drop(self, key) -> None:
+        if key.fileobj is self._listener:
+            return
+        try:
+            self._selector.unregister(key.fileobj)
+        except (KeyError, ValueError):
+            pass
+        if isinstance(key.data, Connection):
+            self._close_session(key.data)
+            key.data.close()
+        else:
+            try:
+                key.fileobj.close()
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         try:
