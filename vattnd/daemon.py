@@ -41,6 +41,7 @@ DEFAULT_HOST_POOL = 1 << 30  # 1 GiB: memfd pages cost nothing until written
 # activations. Operators size the pool with --pool-size.
 DEFAULT_GPU_SHARE = 0.5
 BRING_UP_CHUNK = 256
+OOM_RETRY_S = 1.0
 PROGRESS_EVERY_S = 0.5
 
 
@@ -248,8 +249,28 @@ class Daemon:
         try:
             while done < wanted and not self._stopped.is_set():
                 count = min(BRING_UP_CHUNK, wanted - done)
-                self.service.add_pages(device, self.backend.create_pages(device, count))
-                done += count
+                fds = self.backend.create_pages(device, count)
+                self.service.add_pages(device, fds)
+                done += len(fds)
+                if len(fds) < count:
+                    # Out of device memory: other processes hold some, e.g. workers of
+                    # a vattnd that was killed, whose imported pages stay alive until
+                    # they let go. Serve what there is; take the rest as it frees up.
+                    if self.ready.is_set() is False:
+                        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                        self.ready.set()
+                    log.warning("device %d: out of memory after %d of %d pages (%s); the pool serves what it has "
+                                "and grows as memory frees up", device, done, wanted,
+                                format_size(done * self.config.page_size))
+                    while not self._stopped.wait(OOM_RETRY_S):
+                        fds = self.backend.create_pages(device, min(BRING_UP_CHUNK, wanted - done))
+                        if fds:
+                            self.service.add_pages(device, fds)
+                            done += len(fds)
+                            break
+                    if done >= wanted:
+                        log.info("device %d: pool complete after waiting for memory: %d pages", device, done)
+                    continue
                 if self.config.on_progress is not None:
                     self.config.on_progress(device, done, wanted)
                 now = time.monotonic()

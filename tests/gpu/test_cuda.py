@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -184,3 +185,47 @@ def test_auto_backend_picks_cuda(short_tmp):
             assert pool.backend == "cuda" and pool.info.devices[0].name
     finally:
         assert d.stop() == 0
+
+
+def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
+    """vattnd is SIGKILLed while a worker holds GPU pages: the worker keeps its KV, gets a clear error,
+    reconnects to a new vattnd; the new pool cannot use the memory the worker still holds (no double grant)
+    and grows to its full size once the worker lets go (nothing lost)."""
+    page = 8 << 20  # large pages keep the fd count under the machine's open-file limit
+    free0 = torch.cuda.mem_get_info()[0]
+    pool_pages = int(free0 * 0.7) // page
+    args = ("--devices", "0")
+    d = start_daemon(short_tmp, *args, backend="cuda", pool_size=str(pool_pages * page), page_size="8MiB")
+    pool = vattn.connect(d.socket)
+    per_token = 2 * 32 * 8 * 128 * 2  # all layers: 128 KiB per token
+    cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=4, max_context=65536,
+                          dtype=torch.float16, layout="all_layers", prefetch_pages=0)
+    held_tokens = (pool_pages // 2) * page // per_token // 4 * 4
+    cache.step({s: held_tokens // 4 for s in range(4)})
+    held = 4 * cache.pages(0)
+    cache.kv[:, : held_tokens // 4] = 3
+    torch.cuda.synchronize()
+    d.stop(signal.SIGKILL)
+    # The worker keeps reading and writing what it mapped; its next call fails clearly.
+    assert torch.all(cache.kv[2, : held_tokens // 4 : 97] == 3)
+    with pytest.raises(vattn.Unavailable):
+        cache.grow(0, held_tokens)
+    d2 = start_daemon(short_tmp, *args, backend="cuda", pool_size=str(pool_pages * page), page_size="8MiB")
+    try:
+        total = d2.stats().pools[0].pages_total
+        assert total <= pool_pages - held + pool_pages // 20, (total, pool_pages, held)
+        assert "out of memory after" in d2.log()
+        with vattn.connect(d2.socket) as fresh:  # the worker reconnects
+            c2 = fresh.kv_cache(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=1, max_context=1024)
+            c2.grow(0, 1024)
+            c2.k[0][0, :1024] = 5
+            assert torch.all(cache.kv[2, : held_tokens // 4 : 97] == 3)  # no alias with the old pages
+            c2.close()
+        cache.close()  # lets go of the old pages
+        pool.close()
+        deadline = time.monotonic() + 30
+        while d2.stats().pools[0].pages_total < pool_pages and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d2.stats().pools[0].pages_total == pool_pages  # nothing lost
+    finally:
+        assert d2.stop() == 0, d2.log()

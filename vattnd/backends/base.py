@@ -33,7 +33,8 @@ class PageBackend(Protocol):
 
     def devices(self) -> Sequence[DeviceInfo]: ...
 
-    def create_pages(self, device: int, count: int) -> list[int]: ...
+    def create_pages(self, device: int, count: int) -> list[int]:
+        """Creates and exports up to ``count`` pages; fewer when the device runs out of memory."""
 
     def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
         """Swaps pages for fresh zeroed ones; returns their fds.
