@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from vattn.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
+from vattn.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, Unauthenticated, Unavailable
 from vattn.mapping import Mapper
 from vattn.session import Session
 from vattn.v1 import vattn_pb2 as pb
@@ -427,8 +427,8 @@ class KVCache:
         if not self._session.closed:
             try:
                 self._session.release_region(self.region_id)
-            except Unavailable:
-                pass  # the daemon is gone: it holds nothing of ours any more
+            except (Unavailable, Unauthenticated):
+                pass  # the daemon is gone, or restarted: it holds nothing of ours any more
 
     def __enter__(self) -> "KVCache":
         return self

@@ -190,7 +190,22 @@ def test_daemon_gone_gives_clear_errors_not_hangs(short_tmp):
     assert time.monotonic() - t0 < 5
     # Pages already mapped stay readable and writable.
     assert cache.k[0][slot, :100].sum(dtype=torch.float32).item() == 7.0 * 100 * 128
-    pool.close()
+    cache.k[0][slot, :100] = 8.0
+    # A restarted daemon takes over the socket; the worker reconnects and gets new, distinct memory.
+    d2 = start_daemon(short_tmp)
+    try:
+        with vattn.connect(d2.socket) as again:
+            c2 = again.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=2048)
+            c2.grow(0, 100)
+            assert torch.all(c2.k[0][0, :100] == 0)  # fresh pages, not the old daemon's
+            c2.k[0][0, :100] = 1.0
+            assert torch.all(cache.k[0][slot, :100] == 8.0)  # the old KV is the worker's own until it lets go
+            c2.free(0)
+        cache.close()  # the old daemon is gone: closing does not hang or raise
+        pool.close()
+        assert d2.wait_used_pages(0) == 0
+    finally:
+        assert d2.stop() == 0
 
 
 def test_many_fds_in_one_step(short_tmp):
