@@ -198,18 +198,19 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
     d = start_daemon(short_tmp, *args, backend="cuda", pool_size=str(pool_pages * page), page_size="8MiB")
     pool = vattn.connect(d.socket)
     per_token = 2 * 32 * 8 * 128 * 2  # all layers: 128 KiB per token
-    cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=4, max_context=65536,
+    slots = 8
+    cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=slots, max_context=1 << 17,
                           dtype=torch.float16, layout="all_layers", prefetch_pages=0)
-    held_tokens = (pool_pages // 2) * page // per_token // 4 * 4
-    cache.step({s: held_tokens // 4 for s in range(4)})
-    held = 4 * cache.pages(0)
-    cache.kv[:, : held_tokens // 4] = 3
+    per_slot = min(1 << 17, (pool_pages // 2) * page // per_token // slots)
+    cache.step({s: per_slot for s in range(slots)})
+    held = slots * cache.pages(0)
+    cache.kv[:, :per_slot] = 3
     torch.cuda.synchronize()
     d.stop(signal.SIGKILL)
     # The worker keeps reading and writing what it mapped; its next call fails clearly.
-    assert torch.all(cache.kv[2, : held_tokens // 4 : 97] == 3)
+    assert torch.all(cache.kv[2, :per_slot:97] == 3)
     with pytest.raises(vattn.Unavailable):
-        cache.grow(0, held_tokens)
+        cache.grow(0, per_slot + 1000)
     d2 = start_daemon(short_tmp, *args, backend="cuda", pool_size=str(pool_pages * page), page_size="8MiB")
     try:
         total = d2.stats().pools[0].pages_total
@@ -219,7 +220,7 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
             c2 = fresh.kv_cache(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=1, max_context=1024)
             c2.grow(0, 1024)
             c2.k[0][0, :1024] = 5
-            assert torch.all(cache.kv[2, : held_tokens // 4 : 97] == 3)  # no alias with the old pages
+            assert torch.all(cache.kv[2, :per_slot:97] == 3)  # no alias with the old pages
             c2.close()
         cache.close()  # lets go of the old pages
         pool.close()
