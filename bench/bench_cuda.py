@@ -27,8 +27,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit  # noqa: E402
 
 PAGE = 2 << 20
 SPREAD = 1 << 30  # bytes reserved per range in the "spread" floor
@@ -278,12 +279,8 @@ def main() -> None:
                      f"| {med(t['cold']) * 1e3:.3f} (p90 {p90(t['cold']) * 1e3:.3f}) | {med(t['cold']) / f:.2f}x |")
     lines += ["", "medians of the repetitions; end to end = the worker's cache.grow() call: fast-path call on "
               "the fd channel + fds + (cold: import) + map + set access"]
-    text = "\n".join(lines)
-    print(text)
+    emit("\n".join(lines), args.out)
     print("\nstart-up daemon log:\n" + startup_log[-2000:])
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit, launch_daemon  # noqa: E402
 
 LAYERS, HEADS, DIM = 32, 8, 128
 PAGE = 2 << 20
@@ -90,19 +89,9 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     args = ap.parse_args()
 
-    folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
-    sock = os.path.join(folder, "vattnd.sock")
-    log = open(os.path.join(folder, "vattnd.log"), "wb")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", args.backend,
-         "--pool-size", args.pool_size, "--page-size", str(PAGE), "--metrics-port", "-1",
-         "--devices", args.devices, "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    daemon = launch_daemon(args.backend, args.pool_size, str(PAGE), "--devices", args.devices)
+    sock = daemon.socket
     try:
-        from tests.conftest import wait_serving
-
-        wait_serving(sock, daemon, log.name, timeout=120)
         ctx = multiprocessing.get_context("spawn")
         rows = []
         for transport, n in [(t, int(x)) for t in args.transports.split(",") for x in args.workers.split(",")]:
@@ -119,8 +108,7 @@ def main() -> None:
             total_rpcs = sum(r for _, r in results)
             rows.append((transport, n, merged, total_rpcs / wall))
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop()
 
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -136,11 +124,7 @@ def main() -> None:
         f = lambda k: f"{statistics.median(m[k]) * 1e3:.2f} / {pct(m[k], 0.99) * 1e3:.2f}"  # noqa: E731
         lines.append(f"| {transport} | {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
                      f"| {rate:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit, launch_daemon  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -43,18 +42,8 @@ TOKEN_ALL = 2 * LAYERS * HEADS_KV * DIM * 2  # 128 KiB per token, all layers
 
 
 def start_daemon(page_size: str, pool_size: str):
-    from tests.conftest import wait_serving
-
-    folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
-    sock = os.path.join(folder, "vattnd.sock")
-    log = os.path.join(folder, "vattnd.log")
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda", "--devices", "0",
-             "--pool-size", pool_size, "--page-size", page_size, "--metrics-port", "-1", "--log-level", "warning"],
-            stdout=fh, stderr=subprocess.STDOUT)
-    wait_serving(sock, proc, log, timeout=120)
-    return proc, sock
+    daemon = launch_daemon("cuda", pool_size, page_size, "--devices", "0")
+    return daemon.proc, daemon.socket
 
 
 def prefill_rates(reps: int) -> list[str]:
@@ -269,11 +258,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import emit  # noqa: E402
 from vattn.errors import ResourceExhausted  # noqa: E402
 from vattnd.pool import Geometry, PoolCore  # noqa: E402
 from vattnd.units import format_size, parse_size  # noqa: E402
@@ -119,11 +120,7 @@ def main() -> None:
         b_mid, t_mid, _ = run(mid)
         lines.append(f"| {name} | {b_full} | {t_full:,} | {b_mid} | {t_mid:,} "
                      f"| {format_size(int(sum(waste) / max(1, len(waste))))} | {format_size(max(waste or [0]))} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ import multiprocessing
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit, launch_daemon  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -87,18 +86,9 @@ def main() -> None:
     ap.add_argument("--page-size", default="64KiB")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from tests.conftest import wait_serving
-
-    folder = tempfile.mkdtemp(prefix="vattnd-soak-", dir="/tmp")
-    sock = os.path.join(folder, "vattnd.sock")
-    log_path = os.path.join(folder, "vattnd.log")
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", args.backend,
-             "--pool-size", args.pool_size, "--page-size", args.page_size, "--metrics-port", "-1",
-             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    bench_daemon = launch_daemon(args.backend, args.pool_size, args.page_size)
+    daemon, sock = bench_daemon.proc, bench_daemon.socket
     try:
-        wait_serving(sock, daemon, log_path, timeout=120)
         rss_start = rss_kib(daemon.pid)
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
@@ -115,8 +105,7 @@ def main() -> None:
         rss_end = rss_kib(daemon.pid)
         alive = daemon.poll() is None
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        bench_daemon.stop()
     lat = sorted(x for r in results for x in r[0])
     errors: dict[str, int] = {}
     for _, e, _ in results:
@@ -133,10 +122,7 @@ def main() -> None:
         f"(growth after warm-up {100.0 * (rss_end - rss_warm) / max(1, rss_warm):+.2f}%, "
         f"from start {100.0 * (rss_end - rss_start) / max(1, rss_start):+.2f}%)",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
