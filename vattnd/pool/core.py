@@ -272,15 +272,8 @@ class PoolCore:
     def devices(self) -> list[int]:
         return sorted(self._total)
 
-    @property
-    def num_pages(self) -> int:
-        return len(self._device_of)
-
     def device_of(self, page: int) -> int:
         return self._device_of[page]
-
-    def total_pages(self, device: int) -> int:
-        return self._total[device]
 
     def free_pages(self, device: int) -> int:
         return len(self._free[device])
@@ -293,9 +286,6 @@ class PoolCore:
                 "reconnect with vattn.connect()"
             )
         return session
-
-    def sessions(self) -> list[Session]:
-        return list(self._sessions.values())
 
     def region(self, sid: int, region_id: int) -> Region:
         session = self.session(sid)
