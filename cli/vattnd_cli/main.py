@@ -73,7 +73,50 @@ def cli() -> None:
     """vattnd: a node daemon that owns KV-cache memory and maps it into LLM workers."""
 
 
+def _load_config(ctx: click.Context, param, value):
+    """--config FILE: a TOML file whose keys are start's long flags (pool-size = "60GiB", quota = [...]).
+
+    Precedence: command line, then environment variables, then this file, then defaults.
+    """
+    if not value:
+        return value
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(value, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}") from None
+    flags = {opt.lstrip("-"): p.name for p in ctx.command.params for opt in p.opts if opt.startswith("--")}
+    unknown = sorted(set(data) - set(flags) - {"config"})
+    if unknown:
+        raise click.BadParameter(
+            f"{value}: unknown keys {', '.join(unknown)}; valid keys are {', '.join(sorted(k for k in flags if k != 'config'))}"
+        )
+    defaults = {}
+    for key, item in data.items():
+        if key != "config":
+            defaults[flags[key]] = [str(x) for x in item] if isinstance(item, list) else str(item)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 @cli.command()
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+              envvar="VATTND_CONFIG", help="TOML file of settings; keys are the long flags (e.g. pool-size = \"60GiB\").")
 @click.option("--socket", "socket_path", envvar="VATTND_SOCKET", default=default_socket, show_default="$XDG_RUNTIME_DIR/vattnd/vattnd.sock or /run/vattnd/vattnd.sock",
               help="gRPC Unix socket to listen on; the fd channel listens at SOCKET.fd.")
 @click.option("--backend", envvar="VATTND_BACKEND", type=click.Choice(["auto", "host", "cuda"]), default="auto",
@@ -90,6 +133,8 @@ def cli() -> None:
               help="Address the metrics endpoint binds.")
 @click.option("--log-level", envvar="VATTND_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--log-format", envvar="VATTND_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per line, for log collectors.")
 @click.option("--quota", "quotas", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=SIZE", _size_value),
               help="A tenant's quota, e.g. teamA=20GiB (repeatable; VATTND_QUOTA, space-separated).",
               envvar="VATTND_QUOTA")
@@ -103,13 +148,13 @@ def cli() -> None:
               help="Group given the worker sockets (mode 0660). [default: the daemon's]")
 @click.option("--admin-group", envvar="VATTND_ADMIN_GROUP", default=None,
               help="Group that may use the admin socket (SOCKET.admin). [default: owner only]")
-def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level,
+def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level, log_format,
           quotas, priorities, tenant_uids, socket_group, admin_group) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
     from vattnd.daemon import Config, Daemon, StartupError
 
     config = Config(

@@ -193,3 +193,32 @@ def test_without_a_gpu_auto_falls_back_to_host_and_cuda_says_why(short_tmp):
         assert d.stop() == 0
     out = run_cli("start", "--socket", os.path.join(short_tmp, "c.sock"), "--backend", "cuda", "--metrics-port", "-1")
     assert out.returncode == 1 and "cannot start" in out.stderr and "CUDA" in out.stderr
+
+
+def test_config_file_keys_are_the_flags_and_flags_win(short_tmp):
+    sock = os.path.join(short_tmp, "cfg.sock")
+    cfg = os.path.join(short_tmp, "vattnd.toml")
+    with open(cfg, "w") as fh:
+        fh.write(f'socket = "{sock}"\nbackend = "host"\npool-size = "8MiB"\npage-size = "64KiB"\n'
+                 'metrics-port = -1\nquota = ["teamA=1MiB"]\nlog-format = "json"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "vattnd_cli", "start", "--config", cfg, "--pool-size", "4MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        from tests.conftest import wait_serving
+
+        wait_serving(sock, proc, "/dev/null")
+        with vattn.connect(sock) as pool:
+            info = pool.info
+        assert info.devices[0].pages_total == 64 and info.metrics_url == ""  # the flag beat the file's 8MiB
+        from vattn.session import stats
+
+        assert {t.name: t.quota_pages for t in stats(sock).tenants}["teamA"] == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=15)[0].decode()
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(lines[0]) and any("listening on" in x["message"] for x in lines)
+    with open(cfg, "a") as fh:
+        fh.write("pool_sise = 3\n")
+    bad = run_cli("start", "--config", cfg)
+    assert bad.returncode == 2 and "unknown keys pool_sise" in bad.stderr and "pool-size" in bad.stderr
