@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 import vattnd
 from vattn.paths import admin_path, channel_path
@@ -151,6 +151,7 @@ class Daemon:
         # grpc logs a traceback for every request it cannot parse: a client
         # could flood the log with them. Such calls still get their status.
         logging.getLogger("grpc._common").setLevel(logging.CRITICAL)
+        disable_created_metrics()  # no *_created series: they double the series count for nothing here
         t0 = time.monotonic()
         try:
             self.backend = open_backend(cfg.backend, cfg.page_size, cfg.devices)

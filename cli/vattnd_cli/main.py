@@ -338,6 +338,65 @@ def quota_list(socket_path, as_json) -> None:
         click.echo(f"{t.name}: {t.pages} pages held by {t.sessions} sessions; {quota_text}; priority {t.priority}")
 
 
+def render_top(reply, previous, interval: float):
+    """One frame of `vattnd top`: pools, tenants and sessions, with page rates since the last frame."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    page_size = reply.pools[0].page_size if reply.pools else 0
+    pools = Table(title=f"vattnd {reply.version}: up {_uptime(reply.uptime_seconds)}", title_justify="left",
+                  expand=True)
+    for col in ("device", "name", "used", "", "spare", "idle", "free", "total"):
+        pools.add_column(col, justify="left" if col in ("name", "") else "right")
+    for p in reply.pools:
+        bar = ProgressBar(total=max(1, p.pages_total), completed=p.pages_used, width=30)
+        pools.add_row(str(p.device), p.name, _size(p.pages_used * p.page_size), bar, str(p.pages_spare),
+                      str(p.pages_idle), _size(p.pages_free * p.page_size), _size(p.pages_total * p.page_size))
+    tenants = Table(title="Tenants", title_justify="left", expand=True)
+    for col in ("tenant", "sessions", "memory", "quota", "priority"):
+        tenants.add_column(col, justify="left" if col == "tenant" else "right")
+    for t in reply.tenants:
+        quota = _size(t.quota_pages * page_size) if t.has_quota else "-"
+        tenants.add_row(t.name, str(t.sessions), _size(t.pages * page_size), quota, str(t.priority))
+    before = {s.session_id: s.pages for s in previous.sessions} if previous is not None else {}
+    sessions = Table(title="Sessions", title_justify="left", expand=True)
+    for col in ("id", "pid", "tenant", "name", "regions", "memory", "pages/s", "age"):
+        sessions.add_column(col, justify="left" if col in ("tenant", "name") else "right")
+    for s in sorted(reply.sessions, key=lambda s: -s.pages):
+        rate = (s.pages - before[s.session_id]) / interval if s.session_id in before else 0.0
+        sessions.add_row(str(s.session_id), str(s.pid), s.tenant, s.name, str(s.regions),
+                         _size(s.pages * page_size), f"{rate:+.0f}", _uptime(s.age_seconds))
+    return Group(pools, tenants, sessions)
+
+
+@cli.command()
+@socket_option
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and terminals without a TTY).")
+def top(socket_path, interval, once) -> None:
+    """A live view of pools, tenants and sessions (Ctrl-C to leave)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    previous = _stats_or_exit(socket_path)
+    if once:
+        console.print(render_top(previous, None, interval))
+        return
+    try:
+        with Live(render_top(previous, None, interval), console=console, screen=True,
+                  refresh_per_second=max(1.0, 1 / interval)) as live:
+            while True:
+                time.sleep(interval)
+                current = _stats_or_exit(socket_path)
+                live.update(render_top(current, previous, interval))
+                previous = current
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     cli(prog_name="vattnd")
 

@@ -128,3 +128,21 @@ def test_config_example_matches_the_flags():
 def test_vattn_package_is_importable_without_torch():
     out = run(sys.executable, "-c", "import sys, vattn; vattn.connect; assert 'torch' not in sys.modules")
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_references_match_the_code(daemon):
+    """The README's metrics and settings tables list exactly what the daemon exports and accepts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vattnd_cli.main import start
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    with urllib.request.urlopen(daemon.metrics_url + "/metrics", timeout=5) as resp:
+        families = list(text_string_to_metric_families(resp.read().decode()))
+    ours = {f.name + ("_total" if f.type == "counter" else "") for f in families if f.name.startswith("vattnd_")}
+    documented = set(re.findall(r"^\| `(vattnd_\w+)` \|", readme, re.M))
+    assert ours == documented, (sorted(ours - documented), sorted(documented - ours))
+    flags = {opt for p in start.params for opt in p.opts if opt.startswith("--")} - {"--help"}
+    table = set(re.findall(r"^\| `(--[a-z-]+)", readme, re.M))
+    assert flags <= table | {"--config"}, sorted(flags - table)
+    assert "--config" in readme

@@ -222,3 +222,12 @@ def test_config_file_keys_are_the_flags_and_flags_win(short_tmp):
         fh.write("pool_sise = 3\n")
     bad = run_cli("start", "--config", cfg)
     assert bad.returncode == 2 and "unknown keys pool_sise" in bad.stderr and "pool-size" in bad.stderr
+
+
+def test_top_shows_pools_tenants_and_sessions(daemon, pool):
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
+    cache.grow(0, 300)
+    out = run_cli("top", "--once", "--socket", daemon.socket, env=dict(os.environ, COLUMNS="160"))
+    assert out.returncode == 0, out.stderr
+    for text in ("vattnd 0.1.0", "Tenants", "Sessions", "cpu", "default", "pytest", "256 KiB"):
+        assert text in out.stdout, (text, out.stdout)
