@@ -111,6 +111,20 @@ def test_a_real_prometheus_scrapes_the_pool(daemon, pool, tmp_path):
         prom.wait(30)
 
 
+def test_container_image_definition_lints_clean():
+    out = run(shutil.which("hadolint") or "hadolint", os.path.join(DEPLOY, "container", "Dockerfile"))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas():
+    folder = os.path.join(DEPLOY, "kubernetes")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
+    out = run(shutil.which("kubernetes-validate") or "kubernetes-validate", *files)
+    assert out.returncode == 0 and "passed for resource daemonset/vattnd" in out.stdout + out.stderr, out.stdout + out.stderr
+    daemonset = open(os.path.join(folder, "daemonset.yaml")).read()
+    assert "path: /run/vattnd" in daemonset and "--config" in daemonset  # the socket is shared with worker pods
+
+
 def test_config_example_matches_the_flags():
     """Every key of deploy/vattnd.toml is a flag of `vattnd start` (the daemon would refuse it otherwise)."""
     try:
