@@ -28,6 +28,7 @@ from vattnd.metrics import PoolCollector, RpcMetrics
 from vattnd.pool import PoolCore
 from vattnd.rpc.fastpath import FastPath
 from vattnd.rpc.servicer import AdminServicer, PoolServicer, create_admin_server, create_server
+from vattnd.sdnotify import notify
 from vattnd.service import PoolService
 from vattnd.units import format_size
 from vattn.v1 import vattn_pb2 as pb
@@ -240,9 +241,9 @@ class Daemon:
             return
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
-        log.info(
-            "pool ready: %d pages in %.2f s", sum(self._pages_wanted.values()), time.monotonic() - t0
-        )
+        pages = sum(self._pages_wanted.values())
+        log.info("pool ready: %d pages in %.2f s", pages, time.monotonic() - t0)
+        notify(f"READY=1\nSTATUS=serving {pages} pages on {self.config.socket}")
 
     def _bring_up_device(self, device: int, wanted: int) -> None:
         done = 0
@@ -277,6 +278,7 @@ class Daemon:
                 now = time.monotonic()
                 if now - last_log >= PROGRESS_EVERY_S and done < wanted:
                     last_log = now
+                    notify(f"STATUS=device {device}: {done} of {wanted} pages ready")
                     log.info("device %d: %d of %d pages ready (%.0f%%, %.0f pages/s)", device, done, wanted,
                              100.0 * done / wanted, done / (now - started))
         except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
@@ -298,6 +300,7 @@ class Daemon:
 
     def stop(self, grace: float = 2.0) -> None:
         self._stopped.set()
+        notify("STOPPING=1")
         if self.health is not None:
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:

@@ -160,3 +160,30 @@ def test_readme_references_match_the_code(daemon):
     table = set(re.findall(r"^\| `(--[a-z-]+)", readme, re.M))
     assert flags <= table | {"--config"}, sorted(flags - table)
     assert "--config" in readme
+
+
+def test_systemd_readiness_notification(short_tmp):
+    """With NOTIFY_SOCKET set (as systemd does for Type=notify), the daemon says READY=1 when the pool is built."""
+    notify_path = os.path.join(short_tmp, "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(20)
+    sock = os.path.join(short_tmp, "n.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "host",
+                             "--pool-size", "8MiB", "--page-size", "64KiB", "--metrics-port", "-1"],
+                            env=dict(os.environ, NOTIFY_SOCKET=notify_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        assert any("STATUS=serving 128 pages" in m for m in messages)
+        with vattn.connect(sock) as pool:  # ready means ready
+            assert pool.info.devices[0].pages_total == 128
+        proc.send_signal(15)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
