@@ -187,3 +187,12 @@ def test_systemd_readiness_notification(short_tmp):
         if proc.poll() is None:
             proc.kill()
         listener.close()
+
+
+def test_shell_completion_script_is_generated():
+    env = dict(os.environ, _VATTND_COMPLETE="bash_source")
+    out = subprocess.run([sys.executable, "-m", "vattnd_cli"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "_vattnd_completion" in out.stdout and "complete " in out.stdout
+    env = dict(os.environ, _VATTND_COMPLETE="bash_complete", COMP_WORDS="vattnd q", COMP_CWORD="1")
+    out = subprocess.run([sys.executable, "-m", "vattnd_cli"], capture_output=True, text=True, timeout=60, env=env)
+    assert "quota" in out.stdout
