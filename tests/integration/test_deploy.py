@@ -21,6 +21,12 @@ DEPLOY = os.path.join(ROOT, "deploy")
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) missing")
 
 
+def tool(name: str) -> str:
+    """A command installed with the test tools: beside this Python (a venv not on PATH), else on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.exists(local) else (shutil.which(name) or name)
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
@@ -112,14 +118,14 @@ def test_a_real_prometheus_scrapes_the_pool(daemon, pool, tmp_path):
 
 
 def test_container_image_definition_lints_clean():
-    out = run(shutil.which("hadolint") or "hadolint", os.path.join(DEPLOY, "container", "Dockerfile"))
+    out = run(tool("hadolint"), os.path.join(DEPLOY, "container", "Dockerfile"))
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_kubernetes_manifests_validate_against_the_api_schemas():
     folder = os.path.join(DEPLOY, "kubernetes")
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
-    out = run(shutil.which("kubernetes-validate") or "kubernetes-validate", *files)
+    out = run(tool("kubernetes-validate"), *files)
     assert out.returncode == 0 and "passed for resource daemonset/vattnd" in out.stdout + out.stderr, out.stdout + out.stderr
     daemonset = open(os.path.join(folder, "daemonset.yaml")).read()
     assert "path: /run/vattnd" in daemonset and "--config" in daemonset  # the socket is shared with worker pods
