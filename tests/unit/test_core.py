@@ -290,7 +290,7 @@ class PoolMachine(RuleBasedStateMachine):
             if expected is None and want > self._free(device) + self.spares[rid][0]:
                 expected = ResourceExhausted
             tenant = self.core.tenant_of(sid)
-            if expected is None and self.quota.get(tenant) is not None:
+            if expected is None and want and self.quota.get(tenant) is not None:  # nothing granted: no check
                 fresh = want - min(want, self.spares[rid][0])
                 if self._tenant_held(tenant) + fresh > self.quota[tenant]:
                     expected = ResourceExhausted
