@@ -117,9 +117,9 @@ def connect(socket: str | None = None, *, name: str | None = None, timeout: floa
     """Opens a session with the vattnd listening on ``socket`` (default: :func:`vattn.paths.default_socket`).
 
     ``transport`` carries the per-iteration calls (grow, step, shrink, free):
-    ``"channel"`` (default) sends them on the session's fd channel, tens of
-    microseconds a round trip; ``"grpc"`` uses the gRPC methods of the same
-    name. Both give the same results and errors.
+    ``"channel"`` (default) sends them on the session's fd channel (~0.3 ms
+    an empty call); ``"grpc"`` uses the gRPC methods of the same name (~1.1
+    ms). Both give the same results and errors.
 
     ``tenant`` names whose quota the session's pages count against (default:
     ``"default"``); the daemon may restrict tenants to Unix users.
