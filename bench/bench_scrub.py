@@ -3,8 +3,8 @@
 
     python bench/bench_scrub.py [--backend host|cuda] [--pages 256] [--page-size 2MiB]
 
-Times the backend's replace_pages for a batch of pages (create + zero +
-export the new ones, release the old), per page, against creating the same
+Times the backend's zeroed_pages + release_pages for a batch of pages
+(create + zero + export the new ones, release the old), per page, against creating the same
 number of pages at start-up, in the same run. A grant pays this only for
 pages another tenant held last.
 """
@@ -39,9 +39,11 @@ def main() -> None:
             extra = backend.create_pages(0, args.pages)
             create.append((time.perf_counter() - t0) / args.pages)
             t0 = time.perf_counter()
-            fds = backend.replace_pages(0, fds)
+            new = backend.zeroed_pages(0, args.pages)
+            backend.release_pages(0, fds)
+            fds = new
             replace.append((time.perf_counter() - t0) / args.pages)
-            backend.replace_pages(0, extra)  # returns them to nothing: released below with the rest
+            backend.release_pages(0, extra)
         print(f"backend {args.backend} ({device.name}), page {format_size(backend.page_size)}, "
               f"{args.pages} pages x {args.reps} reps: create+export {statistics.median(create) * 1e6:.1f} us/page, "
               f"scrub (replace with zeroed) {statistics.median(replace) * 1e6:.1f} us/page")

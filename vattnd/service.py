@@ -3,8 +3,9 @@
 This is where threads meet the pure core. gRPC threads call the methods here
 with plain Python values; the channel thread reports sessions opening and
 closing. Locking: a session's ``send_lock`` (taken first) keeps its fd
-batches in grant order; ``self.lock`` guards the core and is never held while
-sending.
+batches in grant order; ``self.lock`` guards the core and the page fds (a
+page's fd changes when it is scrubbed, under the lock, with the grant that
+needs it) and is never held while sending.
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ class PoolService:
         self._released = threading.Condition(self.lock)
         self.reclaims_asked = 0
         self.pages_scrubbed = 0
+        # Fd sends readied and not yet done (tickets), and pages scrubbed away
+        # meanwhile: (sends started when retired, device, old fds).
+        self._sends_started = 0
+        self._sending: set[int] = set()
+        self._retired: list[tuple[int, int, list[int]]] = []
         # Tenant -> Unix uids allowed to open sessions for it (absent: anyone).
         self.tenant_uids: dict[str, set[int]] = {}
         # fd of every page, indexed by page id (the backend owns them).
@@ -138,35 +144,80 @@ class PoolService:
             with self.lock:
                 region = self.core.register_region(handle.session_id, geometry, device, spare)
                 spares = tuple(region.spare)
-                scrub = self.core.claim(spares, self.core.tenant_of(handle.session_id))
-            self._scrub(device, scrub)
-            return region, self._send(handle, spares), spares
+                try:
+                    out = self._deliver_locked(handle, device, spares)
+                except BaseException:
+                    self.core.release_region(handle.session_id, region.id)
+                    raise
+            return region, self._send(handle, *out), spares
 
-    def _scrub(self, device: int, pages: Sequence[int]) -> None:
-        """Replaces pages that crossed tenants with zeroed ones (the caller owns them now)."""
-        if not pages:
-            return
-        fds = self.fds
-        for page, fd in zip(pages, self.backend.replace_pages(device, [fds[p] for p in pages])):
-            fds[page] = fd
-        self.pages_scrubbed += len(pages)
+    def _deliver_locked(self, handle: SessionHandle, device: int,
+                        pages: Sequence[int]) -> tuple[int, list[int], int]:
+        """Readies ``pages``, just given to ``handle``'s session, for sending (self.lock held).
 
-    def _send(self, handle: SessionHandle, pages: Sequence[int]) -> int:
-        """Sends the fds of ``pages`` (caller holds the send lock); returns the grant_seq, 0 if none."""
+        Pages another tenant held last are first replaced with zeroed ones
+        (raises, changing nothing, if that fails). Returns (grant_seq, fds,
+        send ticket) for :meth:`_send`; the ticket keeps the fds of pages
+        scrubbed meanwhile from being closed until this send is done.
+        """
         if not pages:
-            return 0
+            return 0, [], 0
+        core, fds = self.core, self.fds
+        foreign = core.claim(pages, core.tenant_of(handle.session_id))
+        if foreign:
+            try:
+                new = self.backend.zeroed_pages(device, len(foreign))
+            except Exception as exc:
+                core.unclaim(foreign)
+                log.error("cannot scrub %d pages on device %d: %s", len(foreign), device, exc)
+                raise ResourceExhausted(
+                    f"device {device}: {len(foreign)} pages that another tenant held last must be replaced "
+                    f"with zeroed ones, and that failed ({exc}); retry, or give vattnd a smaller --pool-size "
+                    "so the device keeps room to scrub"
+                ) from exc
+            # The old fds may still be on their way to their last holder:
+            # they are closed once every send started before now is done.
+            self._retired.append((self._sends_started, device, [fds[p] for p, _ in foreign]))
+            for (page, _), fd in zip(foreign, new):
+                fds[page] = fd
+            self.pages_scrubbed += len(foreign)
         handle.grant_seq += 1
-        fds = self.fds
+        self._sends_started += 1
+        ticket = self._sends_started
+        self._sending.add(ticket)
+        return handle.grant_seq, [fds[p] for p in pages], ticket
+
+    def _send(self, handle: SessionHandle, grant_seq: int, fds: list[int], ticket: int) -> int:
+        """Sends what :meth:`_deliver_locked` readied (send lock held, self.lock not); returns grant_seq."""
+        if not fds:
+            return 0
         conn = handle.conn
         try:
-            conn.send_pages(handle.grant_seq, [fds[p] for p in pages])
+            conn.send_pages(grant_seq, fds)
         except ChannelBroken as exc:
             # The worker is gone or stuck: end the session, which returns
             # these pages with the rest (the channel thread closes the socket).
             self.close_session(conn)
             conn.shutdown()
             raise Unavailable(f"{exc}; the session was closed: reconnect") from exc
-        return handle.grant_seq
+        finally:
+            with self.lock:
+                self._sending.discard(ticket)
+                if self._retired:
+                    self._close_retired()
+        return grant_seq
+
+    def _close_retired(self) -> None:
+        """Releases scrubbed-away pages no send in flight can still hold (self.lock held)."""
+        oldest = min(self._sending, default=self._sends_started + 1)
+        keep = []
+        for entry in self._retired:
+            retired_at, device, fds = entry
+            if retired_at < oldest:
+                self.backend.release_pages(device, fds)
+            else:
+                keep.append(entry)
+        self._retired = keep
 
     def release_region(self, token: str, region_id: int) -> int:
         handle = self._handle(token)
@@ -195,9 +246,6 @@ class PoolService:
                 while True:
                     try:
                         grant = self.core.step(handle.session_id, region_id, entries)
-                        if grant is not EMPTY_GRANT:
-                            scrub = self.core.claim(grant.fd_pages, self.core.tenant_of(handle.session_id))
-                            device = self.core.region(handle.session_id, region_id).device
                         break
                     except ResourceExhausted as exc:
                         now = time.monotonic()
@@ -218,10 +266,15 @@ class PoolService:
                         if now >= deadline:
                             raise
                         self._released.wait(deadline - now)
-            if grant is EMPTY_GRANT:
-                return 0, grant
-            self._scrub(device, scrub)
-            return self._send(handle, grant.fd_pages), grant
+                if grant is EMPTY_GRANT:
+                    return 0, grant
+                try:
+                    out = self._deliver_locked(handle, self.core.region(handle.session_id, region_id).device,
+                                               grant.fd_pages)
+                except BaseException:
+                    self.core.revert(handle.session_id, region_id, grant)
+                    raise
+            return self._send(handle, *out), grant
 
     def needs_reclaim(self, handle: SessionHandle, region_id: int) -> bool:
         """Whether a grant that just failed for want of pages could wait for idle pages."""

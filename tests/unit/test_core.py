@@ -34,7 +34,9 @@ def fresh(pages=64, devices=(0,)):
 
 def state(core: PoolCore):
     """Everything observable, for 'a failed call changes nothing' checks."""
-    return (copy.deepcopy(core._free), core.owners(), core.snapshot())
+    regions = {r.id: (list(r.spare), set(r.idle), [list(v) for v in r.slots])
+               for r in core._regions.values()}
+    return (copy.deepcopy(core._free), core.owners(), core.snapshot(), regions)
 
 
 def test_layout_of_a_region():
@@ -82,6 +84,24 @@ def test_step_is_all_or_nothing():
     grant = core.step(sid, region.id, [(0, 16), (1, 32), (3, 0)])
     assert [(g.slot, g.count) for g in grant.grants] == [(0, 1), (1, 2)]
     core.check_invariants()
+
+
+def test_a_refused_or_reverted_step_leaves_parked_slots_parked():
+    core, sid = fresh(pages=24)
+    region = core.register_region(sid, geo(), 0, spare_target=4)  # 4 tensors
+    core.grow(sid, region.id, 0, 16)
+    assert core.park(sid, region.id, 0) == 4
+    before = state(core)
+    with pytest.raises(ResourceExhausted):
+        core.step(sid, region.id, [(0, 32), (1, 256)])  # slot 0 would serve again, but the step fails
+    assert state(core) == before and region.idle == {0}
+    grant = core.step(sid, region.id, [(0, 48), (1, 16)])
+    assert grant.reactivated == (0,) and region.idle == set()
+    assert len(grant.page_ids) == 12 and len(grant.spare_added) == 4
+    core.revert(sid, region.id, grant)  # e.g. scrubbing its pages failed
+    assert state(core) == before
+    core.check_invariants()
+    assert core.step(sid, region.id, [(0, 16)]) is not None and region.idle == set()  # no new pages: still serves
 
 
 def test_shrink_and_free_return_pages():
@@ -256,8 +276,8 @@ class PoolMachine(RuleBasedStateMachine):
         self._top_up(region.id)
 
     @precondition(lambda self: self.regions)
-    @rule(data=st.data(), foreign=st.booleans())
-    def step(self, data, foreign):
+    @rule(data=st.data(), foreign=st.booleans(), revert=st.booleans())
+    def step(self, data, foreign, revert):
         rid = data.draw(st.sampled_from(sorted(self.regions)))
         owner, device, g = self.regions[rid]
         sid = owner
@@ -301,6 +321,10 @@ class PoolMachine(RuleBasedStateMachine):
             return
         grant = self.core.step(sid, rid, entries)
         assert len(grant.page_ids) == want
+        if revert:  # the service could not deliver the pages: undone, as if refused
+            self.core.revert(sid, rid, grant)
+            assert state(self.core) == before
+            return
         self.idle -= {(rid, slot) for slot, _ in entries}
         from_spare = min(want, self.spares[rid][0])
         assert len(grant.fresh) == want - from_spare
@@ -403,3 +427,14 @@ def test_tenant_quotas_bound_grants_and_spares():
     core.check_invariants()
     with pytest.raises(InvalidArgument):
         core.set_quota("a", -1)
+
+
+def test_claim_names_pages_another_tenant_held_last_and_unclaim_undoes_it():
+    core, _ = fresh(pages=8)
+    assert core.claim([0, 1, 2], "a") == []  # never held: nothing to scrub
+    assert core.claim([1, 2, 3], "".join(["a"])) == []  # the same tenant (an equal, distinct string)
+    foreign = core.claim([2, 3, 4], "b")
+    assert foreign == [(2, "a"), (3, "a")]
+    core.unclaim(foreign)  # scrubbing failed: a later claim must scrub them again
+    assert core.claim([2, 3, 4], "b") == [(2, "a"), (3, "a")]
+    assert core.claim([4], "b") == []

@@ -36,12 +36,14 @@ class PageBackend(Protocol):
     def create_pages(self, device: int, count: int) -> list[int]:
         """Creates and exports up to ``count`` pages; fewer when the device runs out of memory."""
 
-    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
-        """Swaps pages for fresh zeroed ones; returns their fds.
+    def zeroed_pages(self, device: int, count: int) -> list[int]:
+        """Creates ``count`` pages whose memory reads as zeros (all of them, or raises)."""
 
-        The old pages are released by the daemon; a worker that still holds
-        one (an mmap, an imported handle) keeps only that old memory, which no
-        one else will ever receive.
+    def release_pages(self, device: int, fds: Sequence[int]) -> None:
+        """Closes pages' fds and releases their memory.
+
+        A worker that still holds one (an mmap, an imported handle) keeps only
+        that old memory, which no one else will ever receive.
         """
 
     def close(self) -> None: ...

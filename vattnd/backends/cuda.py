@@ -103,13 +103,15 @@ class CudaBackend:
             self._handle_of.update(zip(fds, handles))
         return fds
 
-    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
-        """New pages, zeroed through a scratch mapping in the daemon; the old handles are released."""
+    def zeroed_pages(self, device: int, count: int) -> list[int]:
+        """New pages, zeroed through a scratch mapping in the daemon (all ``count`` of them, or raises)."""
         cu = self.cu
-        new = self.create_pages(device, len(fds))
+        new = self.create_pages(device, count)
+        if len(new) < count:
+            self.release_pages(device, new)
+            raise BackendUnavailable(f"GPU {device} is out of memory: cannot create {count} zeroed pages")
         with self._lock:
             new_handles = [self._handle_of[fd] for fd in new]
-            released = [self._handle_of.pop(fd) for fd in fds]
         self._make_current(device)
         size = self.page_size
         scratch = self._scratch.get(device)
@@ -125,11 +127,15 @@ class CudaBackend:
             check(cu, cu.cuMemsetD8(scratch, 0, size), "cuMemsetD8 (scrub)")
             check(cu, cu.cuCtxSynchronize(), "cuCtxSynchronize (scrub)")
             check(cu, cu.cuMemUnmap(scratch, size), "cuMemUnmap (scrub)")
+        return new
+
+    def release_pages(self, device: int, fds: Sequence[int]) -> None:
+        with self._lock:
+            released = [self._handle_of.pop(fd) for fd in fds]
         for fd in fds:
             os.close(fd)
         for handle in released:
-            cu.cuMemRelease(handle)
-        return new
+            self.cu.cuMemRelease(handle)
 
     def close(self) -> None:
         cu = self.cu

@@ -49,12 +49,13 @@ class HostBackend:
             raise BackendUnavailable(f"cannot create host page {len(self._fds)}: {exc}") from exc
         return fds
 
-    def replace_pages(self, device: int, fds: Sequence[int]) -> list[int]:
-        new = self.create_pages(device, len(fds))  # a new memfd reads as zeros
+    def zeroed_pages(self, device: int, count: int) -> list[int]:
+        return self.create_pages(device, count)  # a new memfd reads as zeros
+
+    def release_pages(self, device: int, fds: Sequence[int]) -> None:
         for fd in fds:
-            self._fds.discard(fd)
+            self._fds.remove(fd)  # KeyError: not a page of this backend (a bug above)
             os.close(fd)
-        return new
 
     def close(self) -> None:
         fds, self._fds = self._fds, set()

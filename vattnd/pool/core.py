@@ -163,6 +163,8 @@ class Grant:
     page_ids: tuple[PageId, ...]
     fresh: tuple[PageId, ...] = ()
     spare_added: tuple[PageId, ...] = ()
+    # Slots that were idle (parked) before this step made them serve again.
+    reactivated: tuple[int, ...] = ()
 
     @property
     def fd_pages(self) -> tuple[PageId, ...]:
@@ -481,13 +483,15 @@ class PoolCore:
             if slot in seen:
                 raise InvalidArgument(f"slot {slot} appears twice in one step; give each slot once")
             seen.add(slot)
-            region.idle.discard(slot)  # a slot being grown serves a request again
             have = len(region.slots[slot]) // num_tensors
             need = region.pages_for(tokens)
             if need > have:
                 plan.append((slot, have, need - have))
                 wanted += (need - have) * num_tensors
+        # A slot being grown serves a request again (changed only once the step cannot fail).
+        reactivated = tuple(slot for slot in seen if slot in region.idle) if region.idle else ()
         if not plan:
+            region.idle.difference_update(reactivated)
             return EMPTY_GRANT
         free, spare = self._free[region.device], region.spare
         if wanted > len(free) + len(spare):
@@ -532,20 +536,57 @@ class PoolCore:
             offset += n
             grants.append(SlotGrant(slot, have, count))
         self._charge(self._sessions[region.session], fresh_n)
-        return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region))
+        region.idle.difference_update(reactivated)
+        return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region), reactivated)
 
-    def claim(self, pages: Sequence[int], tenant: str) -> list[PageId]:
+    def revert(self, sid: int, region_id: int, grant: Grant) -> None:
+        """Undoes the step that returned ``grant``, which must be the region's last change.
+
+        For the service, when it cannot deliver a grant's pages (scrubbing
+        them failed): the call is then refused and, like every refused call,
+        changes nothing.
+        """
+        region = self.region(sid, region_id)
+        if grant is EMPTY_GRANT:
+            return
+        free, spare = self._free[region.device], region.spare
+        # The reverse of step's commit, last move first.
+        if grant.spare_added:
+            del spare[len(spare) - len(grant.spare_added) :]
+            free.extend(reversed(grant.spare_added))
+        num_tensors = region.num_tensors
+        for g in grant.grants:
+            pages = region.slots[g.slot]
+            del pages[len(pages) - g.count * num_tensors :]
+        free.extend(reversed(grant.fresh))
+        spare[:0] = grant.page_ids[: len(grant.page_ids) - len(grant.fresh)]
+        region.idle.update(grant.reactivated)
+        self._charge(self._sessions[region.session], -(len(grant.fresh) + len(grant.spare_added)))
+
+    def claim(self, pages: Sequence[int], tenant: str) -> list[tuple[PageId, str]]:
         """Records that ``tenant`` now holds ``pages`` (whose fds are about to go out).
 
-        Returns those another tenant held last: they must be scrubbed
-        (replaced with zeroed pages) first, so no tenant ever sees another's
-        data, nor shares a page another tenant may still have mapped.
+        Returns (page, last tenant) of those another tenant held last: they
+        must be scrubbed (replaced with zeroed pages) before their fds go
+        out, so no tenant ever sees another's data, nor shares a page another
+        tenant may still have mapped. If scrubbing fails, :meth:`unclaim`
+        puts the record back.
         """
         last = self._last_tenant
-        scrub = [PageId(p) for p in pages if last[p] is not None and last[p] != tenant]
+        foreign = []
         for p in pages:
-            last[p] = tenant
-        return scrub
+            held = last[p]
+            if held is not tenant:  # the steady state (same tenant again) costs one identity check
+                if held is not None and held != tenant:
+                    foreign.append((PageId(p), held))
+                last[p] = tenant
+        return foreign
+
+    def unclaim(self, foreign: Sequence[tuple[int, str]]) -> None:
+        """Gives pages back the last tenants that :meth:`claim` returned (their scrub failed)."""
+        last = self._last_tenant
+        for p, held in foreign:
+            last[p] = held
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
         """Returns the pages of ``slot`` beyond ``tokens`` tokens.
