@@ -142,18 +142,21 @@ def shuffled_table(batch: int, per_seq: int, gen: torch.Generator, device: str) 
 
 
 def to_pages(src: torch.Tensor, table: torch.Tensor, page: int, head_major: bool) -> torch.Tensor:
-    """Copies K or V [B, Hkv, L, D] into pages laid out by ``table``.
+    """Copies K or V [B, Hkv, L, D] into pages laid out by ``table`` (no temporary copy of the whole).
 
     head_major: [Hkv, pages * page, D] (FlexAttention's paged cache, less its
     batch dim of 1); else [pages, page, Hkv, D] (FlashInfer's NHD).
     """
     batch, heads, length, dim = src.shape
     n_pages = table.numel()
-    blocks = src.reshape(batch, heads, length // page, page, dim).permute(0, 2, 3, 1, 4).reshape(n_pages, page, heads, dim)
-    dst = torch.empty_like(blocks)
-    dst[table.reshape(-1)] = blocks
+    index = table.reshape(-1)
     if head_major:
-        dst = dst.permute(2, 0, 1, 3).reshape(heads, n_pages * page, dim).contiguous()
+        dst = torch.empty(heads, n_pages, page, dim, dtype=src.dtype, device=src.device)
+        dst[:, index] = src.transpose(0, 1).reshape(heads, n_pages, page, dim)
+        return dst.view(heads, n_pages * page, dim)
+    dst = torch.empty(n_pages, page, heads, dim, dtype=src.dtype, device=src.device)
+    dst[index] = src.reshape(batch, heads, length // page, page, dim).permute(0, 2, 3, 1, 4).reshape(
+        n_pages, page, heads, dim)
     return dst
 
 

@@ -121,12 +121,18 @@ class CudaBackend:
         access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = device
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        for handle in new_handles:
-            check(cu, cu.cuMemMap(scratch, size, 0, handle, 0), "cuMemMap (scrub)")
-            check(cu, cu.cuMemSetAccess(scratch, size, [access], 1), "cuMemSetAccess (scrub)")
-            check(cu, cu.cuMemsetD8(scratch, 0, size), "cuMemsetD8 (scrub)")
-            check(cu, cu.cuCtxSynchronize(), "cuCtxSynchronize (scrub)")
-            check(cu, cu.cuMemUnmap(scratch, size), "cuMemUnmap (scrub)")
+        try:
+            for handle in new_handles:
+                check(cu, cu.cuMemMap(scratch, size, 0, handle, 0), "cuMemMap (scrub)")
+                try:
+                    check(cu, cu.cuMemSetAccess(scratch, size, [access], 1), "cuMemSetAccess (scrub)")
+                    check(cu, cu.cuMemsetD8(scratch, 0, size), "cuMemsetD8 (scrub)")
+                    check(cu, cu.cuCtxSynchronize(), "cuCtxSynchronize (scrub)")
+                finally:
+                    cu.cuMemUnmap(scratch, size)
+        except BaseException:
+            self.release_pages(device, new)
+            raise
         return new
 
     def release_pages(self, device: int, fds: Sequence[int]) -> None:
