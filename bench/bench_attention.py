@@ -5,6 +5,7 @@
         [--prefill 1024,2048,4096,8192,16384,32768] [--decode-context 4096,16384]
         [--batch 1,4,16,64,256] [--rounds 5] [--reps 40] [--flashinfer auto|off]
     python bench/bench_attention.py --smoke      # tiny sizes; runs on CPU (host backend) too
+    (--json FILE: every per-call time as well)
 
 Llama-3-8B attention geometry: 32 query heads, 8 KV heads, head dim 128.
 Prefill: batch 1, causal, the whole context as queries. Decode: one query
@@ -189,7 +190,18 @@ class Runner:
         self.cuda = device == "cuda"
         from torch.nn.attention.flex_attention import flex_attention
 
-        self.flex = torch.compile(flex_attention) if self.cuda else flex_attention
+        if self.cuda:
+            # Every case is new shapes (and the paged ones new mask functions): without room for
+            # the recompiles, dynamo would silently fall back to eager FlexAttention, a different kernel.
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, 4096)
+            if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+                dynamo_config.fail_on_recompile_limit_hit = True  # never a silent eager fallback
+        self.flex = torch.compile(flex_attention, fullgraph=True) if self.cuda else flex_attention
         self.fi = None
         self.fi_error = "off (--flashinfer off)" if args.flashinfer == "off" else ""
         if not self.cuda and not self.fi_error:
@@ -409,6 +421,7 @@ def main() -> None:
     ap.add_argument("--page-size", default="2MiB")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds: checks the script (CPU too)")
     ap.add_argument("--out", help="also write the markdown tables here")
+    ap.add_argument("--json", help="also write every variant's per-call times (ms) here")
     args = ap.parse_args()
     if args.smoke:
         args.prefill, args.decode_context, args.batch = "256,512", "256", "1,4"
@@ -421,6 +434,7 @@ def main() -> None:
     cases = [("prefill", 1, int(n)) for n in args.prefill.split(",") if n]
     cases += [("decode", int(b), int(n)) for n in args.decode_context.split(",") if n for b in args.batch.split(",")]
     prefill_rows, decode_rows = ([], []), ([], [])
+    raw: list[dict] = []
     try:
         pool = vattn.connect(daemon.socket)
         runner = Runner(args, pool, dtype, device)
@@ -439,6 +453,8 @@ def main() -> None:
             t, r_ = rows_for(label, variants, layers, args.rounds)
             (prefill_rows if kind == "prefill" else decode_rows)[0].append(t)
             (prefill_rows if kind == "prefill" else decode_rows)[1].append(r_)
+            raw.append({"kind": kind, "batch": batch, "context": length, "layers": layers,
+                        "times_ms": {n: v.times for n, v in variants.items()}})
             print(f"{kind} {label}: {len(variants)} variants checked in {checked:.1f}s; "
                   + ", ".join(f"{n} {v.median_us():.1f}us" for n, v in variants.items()), flush=True)
             runner.close_case()
@@ -458,6 +474,11 @@ def main() -> None:
              "Decode (context x batch), median us per call:", "", *time_head, *decode_rows[0], "",
              "Decode ratios:", "", *ratio_head, *decode_rows[1]]
     emit("\n".join(lines), args.out)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"versions": header, "dtype": args.dtype, "flashinfer": fi_note, "cases": raw}, fh)
 
 
 if __name__ == "__main__":
