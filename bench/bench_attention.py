@@ -477,6 +477,7 @@ def main() -> None:
     if args.json:
         import json
 
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump({"versions": header, "dtype": args.dtype, "flashinfer": fi_note, "cases": raw}, fh)
 
