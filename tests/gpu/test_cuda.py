@@ -232,3 +232,31 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
         assert d2.stats().pools[0].pages_total == pool_pages  # nothing lost
     finally:
         assert d2.stop() == 0, d2.log()
+
+
+def test_gpu_pages_crossing_tenants_arrive_zeroed(gpu_daemon):
+    """The CUDA scrub: a page another tenant wrote comes to the next tenant as a new, zeroed page."""
+    geometry = dict(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=2, max_context=2048,
+                    dtype=torch.float16, prefetch_pages=0)  # 1024 tokens a page
+    with vattn.connect(gpu_daemon.socket, tenant="first") as a:
+        ca = a.kv_cache(**geometry)
+        reply, fds = a.session.grow(ca.region_id, 0, 2048)  # 2 pages x 2 tensors
+        ca._map(reply, fds)
+        ca.k[0][0].fill_(7.0)
+        ca.v[0][0].fill_(7.0)
+        torch.cuda.synchronize()
+        pages_a = set(reply.page_ids)
+        ca.free(0)
+        with vattn.connect(gpu_daemon.socket, tenant="second") as b:
+            cb = b.kv_cache(**geometry)
+            reply_b, fds_b = b.session.grow(cb.region_id, 0, 2048)
+            cb._map(reply_b, fds_b)
+            assert set(reply_b.page_ids) == pages_a  # the same page ids, replaced underneath
+            assert torch.all(cb.k[0][0] == 0) and torch.all(cb.v[0][0] == 0)
+            cb.k[0][0].fill_(9.0)
+            torch.cuda.synchronize()
+            cb.close()
+        ca.close()
+    from tests.integration.test_ops import scrape, value
+
+    assert value(scrape(gpu_daemon.metrics_url), "vattnd_pages_scrubbed_total") == len(pages_a) == 4
