@@ -68,7 +68,6 @@ class Variant:
     name: str
     run: Callable[[int], torch.Tensor]  # layer -> output as [batch, heads_q, q_len, dim]
     times: list[float] = field(default_factory=list)  # ms per call
-    error: str = ""
 
     def median_us(self) -> float:
         return statistics.median(self.times) * 1e3 if self.times else float("nan")
@@ -162,7 +161,7 @@ def to_pages(src: torch.Tensor, table: torch.Tensor, page: int, head_major: bool
 
 
 def flex_paged_mask(table: torch.Tensor, length: int, q_len: int, causal: bool, device: str):
-    """FlexAttention's PagedAttention for ``table``, and the block mask it turns into physical pages."""
+    """The block mask of FlexAttention's PagedAttention for ``table`` (its mask_mod keeps the PagedAttention)."""
     from torch.nn.attention.experimental._paged_attention import PagedAttention
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -180,7 +179,7 @@ def flex_paged_mask(table: torch.Tensor, length: int, q_len: int, causal: bool, 
 
     logical = create_block_mask(causal_mask if causal else every, batch, None, q_len, length, device=device,
                                 BLOCK_SIZE=FLEX_PAGE)
-    return paged, paged.convert_logical_block_mask(logical)
+    return paged.convert_logical_block_mask(logical)
 
 
 class Runner:
@@ -217,7 +216,6 @@ class Runner:
         l2 = torch.cuda.get_device_properties(0).L2_cache_size if self.cuda else 32 << 20
         self.min_bytes = 4 * l2
         self._cache = None
-        self._keep = None
 
     def sdpa(self, q, k, v, causal):
         if self.cuda:
@@ -263,18 +261,16 @@ class Runner:
         for where, kv in (("vattnd", kvs), ("empty", empties)):
             add(f"flex@{where}", lambda i, kv=kv: self.flex(qs[i], kv[i][0], kv[i][1], block_mask=mask,
                                                              enable_gqa=True))
-        paged_copies = []
         if length % FLEX_PAGE == 0:
             table = shuffled_table(batch, length // FLEX_PAGE, self.gen, self.device)
-            _, pmask = flex_paged_mask(table, length, q_len, causal, self.device)
+            pmask = flex_paged_mask(table, length, q_len, causal, self.device)
             flex_pages = [(to_pages(k, table, FLEX_PAGE, True).unsqueeze(0), to_pages(v, table, FLEX_PAGE, True)
                            .unsqueeze(0)) for k, v in kvs]
-            paged_copies.append(flex_pages)
             add("flex-paged", lambda i: self.flex(qs[i], flex_pages[i][0], flex_pages[i][1], block_mask=pmask,
                                                   enable_gqa=True))
         if self.fi is not None:
             try:
-                self._flashinfer(add, qs, kvs, empties, paged_copies, batch, length, causal)
+                self._flashinfer(add, qs, kvs, empties, batch, length, causal)
             except Exception as exc:  # noqa: BLE001 - reported in the results
                 self.fi_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 for name in [n for n in variants if n.startswith("flashinfer")]:
@@ -287,10 +283,9 @@ class Runner:
         atol = 2e-2 if self.dtype == torch.bfloat16 else 5e-3
         for variant in variants.values():
             check(variant, expected, seqs, rows, atol)
-        self._keep = (qs, kvs, empties, paged_copies)
         return variants, layers
 
-    def _flashinfer(self, add, qs, kvs, empties, paged_copies, batch, length, causal) -> None:
+    def _flashinfer(self, add, qs, kvs, empties, batch, length, causal) -> None:
         fi, dev, i32 = self.fi, self.device, torch.int32
         if causal:  # batch-1 prefill; the [L, Hkv, D] K/V of request 0 is the vattnd tensor itself (NHD)
             for where, kv in (("vattnd", kvs), ("empty", empties)):
@@ -311,7 +306,6 @@ class Runner:
         per_seq = length // FI_PAGE
         table = shuffled_table(batch, per_seq, self.gen, dev)
         pages = [(to_pages(k, table, FI_PAGE, False), to_pages(v, table, FI_PAGE, False)) for k, v in kvs]
-        paged_copies.append(pages)
         indptr = torch.arange(0, batch * per_seq + 1, per_seq, device=dev, dtype=i32)
         indices = table.reshape(-1).to(i32)
         last = torch.full((batch,), FI_PAGE, device=dev, dtype=i32)
@@ -335,7 +329,6 @@ class Runner:
         return self._fi_ws2
 
     def close_case(self) -> None:
-        self._keep = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None
@@ -457,6 +450,7 @@ def main() -> None:
                         "times_ms": {n: v.times for n, v in variants.items()}})
             print(f"{kind} {label}: {len(variants)} variants checked in {checked:.1f}s; "
                   + ", ".join(f"{n} {v.median_us():.1f}us" for n, v in variants.items()), flush=True)
+            variants = None  # its closures hold this case's tensors: drop them before the next case
             runner.close_case()
         header = versions(runner)
         fi_note = runner.fi_error or "ran"

@@ -128,8 +128,11 @@ class Floor:
         no import, no Python bookkeeping."""
         from vattn.cuda_mapping import _runs
 
+        return self._timed_map(addrs, list(_runs(sorted(addrs), page_size)), page_size)
+
+    def _timed_map(self, addrs, runs, page_size: int) -> float:
+        """Seconds to map a page at each of ``addrs`` and set access on each (start, length) run; then unmaps."""
         cu = self.cu
-        runs = list(_runs(sorted(addrs), page_size))
         t0 = time.perf_counter()
         for addr, h in zip(addrs, self.handles):
             cu.cuMemMap(addr, page_size, 0, h, 0)
@@ -146,22 +149,12 @@ class Floor:
         (``per_range`` adjacent pages in each of count / per_range separate ranges, one
         set-access call per range), the same driver calls the worker makes; ``range``: all
         pages adjacent, one set-access call (a lower bound no per-layer grow can reach)."""
-        cu = self.cu
         if mode == "layout":
             addrs, runs = self.spread, [(b, self.per_range * PAGE) for b in self.spread_ranges]
         else:
             addrs = [self.base + i * PAGE for i in range(self.count)]
             runs = [(self.base, self.count * PAGE)]
-        t0 = time.perf_counter()
-        for addr, h in zip(addrs, self.handles):
-            cu.cuMemMap(addr, PAGE, 0, h, 0)
-        for start, length in runs:
-            cu.cuMemSetAccess(start, length, self.access, 1)
-        dt = time.perf_counter() - t0
-        cu.cuCtxSynchronize()
-        for addr in addrs:
-            cu.cuMemUnmap(addr, PAGE)
-        return dt
+        return self._timed_map(addrs, runs, PAGE)
 
     def import_only(self) -> float:
         cu = self.cu

@@ -145,14 +145,13 @@ class PoolService:
                 region = self.core.register_region(handle.session_id, geometry, device, spare)
                 spares = tuple(region.spare)
                 try:
-                    out = self._deliver_locked(handle, device, spares)
+                    out = self._deliver_locked(handle, spares)
                 except BaseException:
                     self.core.release_region(handle.session_id, region.id)
                     raise
             return region, self._send(handle, *out), spares
 
-    def _deliver_locked(self, handle: SessionHandle, device: int,
-                        pages: Sequence[int]) -> tuple[int, list[int], int]:
+    def _deliver_locked(self, handle: SessionHandle, pages: Sequence[int]) -> tuple[int, list[int], int]:
         """Readies ``pages``, just given to ``handle``'s session, for sending (self.lock held).
 
         Pages another tenant held last are first replaced with zeroed ones
@@ -165,6 +164,7 @@ class PoolService:
         core, fds = self.core, self.fds
         foreign = core.claim(pages, core.tenant_of(handle.session_id))
         if foreign:
+            device = core.device_of(pages[0])  # a grant's pages are all of its region's device
             try:
                 new = self.backend.zeroed_pages(device, len(foreign))
             except Exception as exc:
@@ -269,8 +269,7 @@ class PoolService:
                 if grant is EMPTY_GRANT:
                     return 0, grant
                 try:
-                    out = self._deliver_locked(handle, self.core.region(handle.session_id, region_id).device,
-                                               grant.fd_pages)
+                    out = self._deliver_locked(handle, grant.fd_pages)
                 except BaseException:
                     self.core.revert(handle.session_id, region_id, grant)
                     raise
