@@ -22,18 +22,18 @@ from prometheus_client import CollectorRegistry, disable_created_metrics, start_
 
 import vattnd
 from vattn.paths import admin_path, channel_path
+from grpc_health.v1 import health_pb2
+
 from vattnd.backends import BackendUnavailable, PageBackend, open_backend
+from vattnd.calls import Dispatcher
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
+from vattnd.pages import PageTable
 from vattnd.pool import PoolCore
-from vattnd.rpc.fastpath import FastPath
-from vattnd.rpc.servicer import AdminServicer, PoolServicer, create_admin_server, create_server
+from vattnd.rpc.servicer import POOL_SERVICE, create_admin_server, create_server
 from vattnd.sdnotify import notify
-from vattnd.service import PoolService
+from vattnd.service import PoolService, ServerFacts
 from vattnd.units import format_size
-from vattn.v1 import vattn_pb2 as pb
-
-from grpc_health.v1 import health_pb2
 
 log = logging.getLogger("vattnd")
 
@@ -175,34 +175,32 @@ class Daemon:
         core = PoolCore(cfg.page_size)
         for dev in devices:
             core.add_device(dev.index)
-        self.service = service = PoolService(core, self.backend)
+        facts = ServerFacts(device_names={dev.index: dev.name for dev in devices})
+        self.service = service = PoolService(core, PageTable(self.backend), facts=facts)
         service.tenant_uids = {t: set(uids) for t, uids in cfg.tenant_uids.items()}
         for tenant in sorted(set(cfg.quotas) | set(cfg.priorities)):
             quota = cfg.quotas.get(tenant)
             core.set_quota(tenant, None if quota is None else quota // cfg.page_size, cfg.priorities.get(tenant))
-        names = {dev.index: dev.name for dev in devices}
 
         _claim_socket_path(cfg.socket)
         self._owns_socket = True
         chan = channel_path(cfg.socket)
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
-        rpc_metrics = RpcMetrics(self.registry)
-        self.fastpath = FastPath(service, rpc_metrics)
-        self.channel = ChannelServer(chan, service.open_session, service.close_session,
-                                     self.fastpath, cfg.socket_mode)
+        dispatcher = Dispatcher(service, RpcMetrics(self.registry))
+        self.channel = ChannelServer(chan, service, dispatcher, cfg.socket_mode)
+        facts.channel_path = chan
 
         if cfg.metrics_port is not None:
-            self.registry.register(PoolCollector(service.snapshot, names, service.counters))
+            self.registry.register(PoolCollector(service.snapshot, facts.device_names, service.counters))
             self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
             host, port = self.metrics_server.server_address[:2]
-            self.metrics_url = f"http://{host}:{port}"
-        servicer = PoolServicer(service, rpc_metrics, chan, self.metrics_url, names)
-        self.server, self.health = create_server(f"unix:{cfg.socket}", servicer, cfg.rpc_threads)
+            self.metrics_url = facts.metrics_url = f"http://{host}:{port}"
+        self.server, self.health = create_server(f"unix:{cfg.socket}", dispatcher, cfg.rpc_threads)
         admin = admin_path(cfg.socket)
         if os.path.lexists(admin):
             os.unlink(admin)  # ours: the gRPC socket's probe above showed no daemon runs
-        self.admin_server = create_admin_server(f"unix:{admin}", AdminServicer(servicer))
+        self.admin_server = create_admin_server(f"unix:{admin}", dispatcher)
         _restrict(admin, 0o660 if cfg.admin_group else 0o600, cfg.admin_group)
         _restrict(cfg.socket, cfg.socket_mode, cfg.socket_group)
         _restrict(chan, cfg.socket_mode, cfg.socket_group)
@@ -224,7 +222,7 @@ class Daemon:
         self._bring_up_thread.start()
 
     def _set_health(self, status) -> None:
-        for name in ("", pb.DESCRIPTOR.services_by_name["Pool"].full_name):
+        for name in ("", POOL_SERVICE):
             self.health.set(name, status)
 
     def _bring_up(self, t0: float) -> None:
@@ -316,10 +314,11 @@ class Daemon:
         if self._bring_up_thread is not None:
             self._bring_up_thread.join()
             self._bring_up_thread = None
+        if self.service is not None:
+            self.service.close()  # pending grants answer UNAVAILABLE while the channel still runs
         if self.channel is not None:
             self.channel.stop()
             self.channel = None
-            self.fastpath.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

@@ -1,11 +1,22 @@
-"""The daemon's shared state: the pool core behind a lock, sessions, fd sends.
+"""The daemon's operations, without transport.
 
-This is where threads meet the pure core. gRPC threads call the methods here
-with plain Python values; the channel thread reports sessions opening and
-closing. Locking: a session's ``send_lock`` (taken first) keeps its fd
-batches in grant order; ``self.lock`` guards the core and the page fds (a
-page's fd changes when it is scrubbed, under the lock, with the grant that
-needs it) and is never held while sending.
+:class:`PoolService` is one locked executor over the pool core and the page
+table: one method per call of the API, taking the caller's session and the
+request message and returning a :class:`Reply` (the reply message and the
+page fds to send with it). A grant that finds the pool short while other
+sessions hold idle pages returns a :class:`Pending` instead: the service asks
+those sessions for pages and completes the Pending when enough came back, or
+with RESOURCE_EXHAUSTED after ``reclaim_wait`` seconds. No thread waits
+meanwhile; this is the one reclaim-wait policy, whatever the transport.
+
+It imports neither the fd channel nor gRPC. A session's connection reaches
+it as an :class:`Outbox` whose methods queue a message and never block; the
+transports (vattnd.channel, vattnd.rpc) turn requests into calls here
+through one call table (vattnd.calls) and replies into bytes and fds.
+
+Locking: ``self.lock`` guards the core, the page table and the sessions; it
+is never held while anything blocks (sends are queued, replacing a page is
+the only backend work done under it).
 """
 from __future__ import annotations
 
@@ -14,112 +25,258 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
 
-from vattn.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
-from vattn.v1 import channel_pb2
-from vattnd.backends.base import PageBackend
-from vattnd.channel.server import ChannelBroken, Connection
-from vattnd.pool.core import DEFAULT_TENANT, EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Snapshot
+import vattnd
+from vattn.contract.errors import (
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VattnError,
+)
+from vattn.v1 import channel_pb2 as cpb
+from vattn.v1 import vattn_pb2 as pb
+from vattnd.pages import PageTable
+from vattnd.pool.core import DEFAULT_TENANT, EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Shortage, Snapshot
 
 log = logging.getLogger(__name__)
 
 # How long a grant waits for idle pages that other sessions were asked to return.
 RECLAIM_WAIT_S = 2.0
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_NAME = 200
+
+DTYPE_SIZES = {
+    pb.DTYPE_FLOAT16: 2,
+    pb.DTYPE_BFLOAT16: 2,
+    pb.DTYPE_FLOAT32: 4,
+    pb.DTYPE_FLOAT8_E4M3: 1,
+    pb.DTYPE_FLOAT8_E5M2: 1,
+    pb.DTYPE_INT8: 1,
+}
+BACKENDS = {"host": pb.BACKEND_HOST, "cuda": pb.BACKEND_CUDA}
+
+
+class Outbox(Protocol):
+    """Where messages to a session's worker go (its fd channel connection). Never blocks."""
+
+    def send(self, message: cpb.ChannelMessage) -> None:
+        """Queues an unsolicited message (a reclaim request)."""
+
+    def send_pages(self, grant_seq: int, fds: Sequence[int], sent: Callable[[], None]) -> None:
+        """Queues the fds of a grant made over gRPC; calls ``sent`` once they went out or were dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 @dataclass(slots=True)
 class SessionHandle:
-    session_id: int
+    id: int
     token: str
-    conn: Connection
+    peer: Peer
+    outbox: Outbox
+    tenant: str
+    name: str
     grant_seq: int = 0
+    # The grant of this session that waits for reclaimed pages, if any.
+    waiting: "Pending | None" = None
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(slots=True)
+class Reply:
+    """A call's reply message and the page fds that go with it; ``sent()`` once they went out.
+
+    ``seq`` tags the fds when they travel apart from the reply (a gRPC call's
+    PageBatch datagrams, a channel reply's continuations).
+    """
+
+    message: object
+    fds: Sequence[int] = ()
+    sent: Callable[[], None] = _nothing
+    seq: int = 0
+
+
+class Pending:
+    """A grant waiting for idle pages that other sessions were asked to return.
+
+    Completes once, with a :class:`Reply` or a :class:`VattnError`; callbacks
+    run in the thread that completes it (one that released pages, or the
+    deadline thread), never under the service lock.
+    """
+
+    __slots__ = ("session", "region_id", "entries", "deadline", "_outcome", "_callbacks", "_lock", "_done")
+
+    def __init__(self, session: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]], deadline: float):
+        self.session = session
+        self.region_id = region_id
+        self.entries = entries
+        self.deadline = deadline
+        self._outcome: Reply | VattnError | None = None
+        self._callbacks: list[Callable[[Reply | VattnError], None]] | None = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def add_done_callback(self, fn: Callable[[Reply | VattnError], None]) -> None:
+        """Calls ``fn(outcome)`` once the grant is done (at once if it is)."""
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        fn(self._outcome)
+
+    def result(self, timeout: float | None = None) -> Reply:
+        """Waits for the outcome: the Reply, or raises its error."""
+        if not self._done.wait(timeout):
+            raise Unavailable("vattnd did not answer in time")
+        if isinstance(self._outcome, VattnError):
+            raise self._outcome
+        return self._outcome
+
+    def _complete(self, outcome: Reply | VattnError) -> None:
+        with self._lock:
+            self._outcome = outcome
+            callbacks, self._callbacks = self._callbacks, None
+        self._done.set()
+        for fn in callbacks or ():
+            fn(outcome)
+
+
+@dataclass
+class ServerFacts:
+    """What GetServerInfo tells besides the pool: set by the daemon at start."""
+
+    channel_path: str = ""
+    metrics_url: str = ""
+    device_names: dict[int, str] = field(default_factory=dict)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, for logs (a name must not forge a log line)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def grant_reply(seq: int, grant: Grant) -> pb.GrantReply:
+    return pb.GrantReply(
+        grant_seq=seq,
+        grants=[pb.SlotGrant(slot=g.slot, first_page=g.first_page, count=g.count) for g in grant.grants],
+        page_ids=grant.page_ids,
+        spare_page_ids=grant.spare_added,
+        fd_count=len(grant.fresh) + len(grant.spare_added),
+    )
+
+
+def region_layout(region: Region, geometry: pb.Geometry) -> pb.RegionLayout:
+    layout = region.layout
+    return pb.RegionLayout(
+        region_id=region.id, geometry=geometry, device=region.device, num_tensors=layout.num_tensors,
+        page_size=layout.page_size, token_bytes=layout.token_bytes, slot_stride=layout.slot_stride,
+        pages_per_slot=layout.pages_per_slot, tensor_bytes=layout.tensor_bytes,
+    )
+
+
+def tenant_info(t) -> pb.TenantInfo:
+    return pb.TenantInfo(name=t.name, pages=t.pages, has_quota=t.quota is not None, quota_pages=t.quota or 0,
+                         priority=t.priority, sessions=t.sessions)
 
 
 class PoolService:
-    def __init__(self, core: PoolCore, backend: PageBackend, clock: Callable[[], float] = time.time):
+    def __init__(self, core: PoolCore, pages: PageTable, clock: Callable[[], float] = time.time,
+                 reclaim_wait: float = RECLAIM_WAIT_S, facts: ServerFacts | None = None):
         self.core = core
-        self.backend = backend
+        self.pages = pages
+        self.backend = pages.backend
         self.clock = clock
+        self.reclaim_wait = reclaim_wait
+        self.facts = facts or ServerFacts()
         self.lock = threading.Lock()
-        # Notified whenever pages return to a pool: grants waiting for reclaimed pages retry.
-        self._released = threading.Condition(self.lock)
-        self.reclaims_asked = 0
-        self.pages_scrubbed = 0
-        # Fd sends readied and not yet done (tickets), and pages scrubbed away
-        # meanwhile: (sends started when retired, device, old fds).
-        self._sends_started = 0
-        self._sending: set[int] = set()
-        self._retired: list[tuple[int, int, list[int]]] = []
         # Tenant -> Unix uids allowed to open sessions for it (absent: anyone).
         self.tenant_uids: dict[str, set[int]] = {}
-        # fd of every page, indexed by page id (the backend owns them).
-        self.fds: list[int] = []
         self._by_token: dict[str, SessionHandle] = {}
-        self._by_conn: dict[int, SessionHandle] = {}
+        self._by_id: dict[int, SessionHandle] = {}
+        # Grants waiting for reclaimed pages, oldest first, and the thread that ends them at their deadline.
+        self._waiting: list[Pending] = []
+        self._deadlines = threading.Condition(self.lock)
+        self._deadline_thread: threading.Thread | None = None
+        self._closing = False
         self.started_at = clock()
         self.sessions_opened = 0
         self.sessions_closed = 0
+        self.reclaims_asked = 0
 
     def add_pages(self, device: int, fds: Sequence[int]) -> None:
         """Puts freshly created pages into the pool (bring-up, any thread)."""
         with self.lock:
             ids = self.core.add_pages(device, len(fds))
-            assert ids.start == len(self.fds)
-            self.fds.extend(fds)
+            assert ids.start == len(self.pages.fds)
+            self.pages.add(fds)
+            done = self._retry_waiting()
+        self._finish(done)
 
-    # ----- sessions (called by the channel thread) -------------------------
-    def open_session(self, conn: Connection, name: str, tenant: str = "") -> tuple[int, str]:
-        """Opens the session of a new channel connection; ValueError refuses it (with the reason)."""
+    def close(self) -> None:
+        """Ends pending grants (daemon stopping) and the deadline thread."""
+        with self.lock:
+            self._closing = True
+            waiting, self._waiting = self._waiting, []
+            for p in waiting:
+                p.session.waiting = None
+            self._deadlines.notify_all()
+        self._finish([(p, Unavailable("vattnd is stopping")) for p in waiting])
+        if self._deadline_thread is not None:
+            self._deadline_thread.join()
+
+    # ----- sessions (the transport reports connections) ---------------------
+    def open_session(self, peer: Peer, name: str, tenant: str, outbox: Outbox) -> SessionHandle:
+        """Opens the session of a new connection; raises InvalidArgument / PermissionDenied to refuse it."""
         tenant = tenant or DEFAULT_TENANT
         if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+            raise InvalidArgument(
+                f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
         allowed = self.tenant_uids.get(tenant)
-        if allowed is not None and conn.uid not in allowed:
-            raise ValueError(
-                f"uid {conn.uid} may not open sessions for tenant {tenant!r} (allowed uids: "
+        if allowed is not None and peer.uid not in allowed:
+            raise PermissionDenied(
+                f"uid {peer.uid} may not open sessions for tenant {tenant!r} (allowed uids: "
                 f"{', '.join(map(str, sorted(allowed)))}); ask the operator, or use your own tenant"
             )
-        token = secrets.token_hex(16)
+        name = name[:MAX_NAME]
         with self.lock:
-            session = self.core.open_session(conn.pid, conn.uid, conn.gid, name[:200], self.clock(), tenant)
-            handle = SessionHandle(session.id, token, conn)
-            self._by_token[token] = handle
-            self._by_conn[id(conn)] = handle
+            session = self.core.open_session(peer.pid, peer.uid, peer.gid, name, self.clock(), tenant)
+            handle = SessionHandle(session.id, secrets.token_hex(16), peer, outbox, tenant, name)
+            self._by_token[handle.token] = handle
+            self._by_id[handle.id] = handle
             self.sessions_opened += 1
-        log.info("session %d opened by pid %d uid %d for tenant %s (%s)", session.id, conn.pid, conn.uid,
-                 tenant, name)
-        return session.id, token
+        log.info("session %d opened by pid %d uid %d for tenant %s (%s)", handle.id, peer.pid, peer.uid,
+                 tenant, printable(name))
+        return handle
 
-    def set_quota(self, tenant: str, pages: int | None, priority: int | None, keep_quota: bool = False) -> None:
-        if not TENANT_NAME.fullmatch(tenant):
-            raise InvalidArgument(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    def close_session(self, handle: SessionHandle) -> None:
         with self.lock:
-            if keep_quota:
-                current = next((t.quota for t in self.core.tenants() if t.name == tenant), None)
-                self.core.set_quota(tenant, current, priority)
-            else:
-                self.core.set_quota(tenant, pages, priority)
-            self._released.notify_all()  # a raised quota may let a waiting grant through
-        log.info("tenant %s: quota %s pages, priority %s", tenant, "unchanged" if keep_quota else pages, priority)
-
-    def close_session(self, conn: Connection) -> None:
-        with self.lock:
-            handle = self._by_conn.pop(id(conn), None)
-            if handle is None:
+            if self._by_id.pop(handle.id, None) is None:
                 return
             del self._by_token[handle.token]
-            released = self.core.close_session(handle.session_id)
-            self._released.notify_all()
+            released = self.core.close_session(handle.id)
             self.sessions_closed += 1
-        log.info(
-            "session %d (pid %d) closed; %d pages returned to the pool",
-            handle.session_id, conn.pid, len(released),
-        )
+            done = self._retry_waiting()
+        self._finish(done)
+        log.info("session %d (pid %d) closed; %d pages returned to the pool", handle.id, handle.peer.pid,
+                 len(released))
 
-    def _handle(self, token: str) -> SessionHandle:
+    def session(self, token: str) -> SessionHandle:
+        """The session a gRPC call's token names."""
         handle = self._by_token.get(token)
         if handle is None:
             raise Unauthenticated(
@@ -128,219 +285,239 @@ class PoolService:
             )
         return handle
 
-    def handle_of(self, conn: Connection) -> SessionHandle:
-        """The session of a channel connection (the fast path's identity)."""
-        handle = self._by_conn.get(id(conn))
-        if handle is None:
-            raise Unauthenticated("this channel's session has ended; reconnect")
-        return handle
-
     # ----- regions ---------------------------------------------------------
-    def register_region(self, token: str, geometry: Geometry, device: int,
-                        spare: int = 0) -> tuple[Region, int, tuple[int, ...]]:
-        """Registers a region; sends the fds of its first spares. Returns (region, grant_seq, spares)."""
-        handle = self._handle(token)
-        with handle.conn.send_lock:
-            with self.lock:
-                region = self.core.register_region(handle.session_id, geometry, device, spare)
-                spares = tuple(region.spare)
-                try:
-                    out = self._deliver_locked(handle, spares)
-                except BaseException:
-                    self.core.release_region(handle.session_id, region.id)
-                    raise
-            return region, self._send(handle, *out), spares
-
-    def _deliver_locked(self, handle: SessionHandle, pages: Sequence[int]) -> tuple[int, list[int], int]:
-        """Readies ``pages``, just given to ``handle``'s session, for sending (self.lock held).
-
-        Pages another tenant held last are first replaced with zeroed ones
-        (raises, changing nothing, if that fails). Returns (grant_seq, fds,
-        send ticket) for :meth:`_send`; the ticket keeps the fds of pages
-        scrubbed meanwhile from being closed until this send is done.
-        """
-        if not pages:
-            return 0, [], 0
-        core, fds = self.core, self.fds
-        foreign = core.claim(pages, core.tenant_of(handle.session_id))
-        if foreign:
-            device = core.device_of(pages[0])  # a grant's pages are all of its region's device
+    def register_region(self, s: SessionHandle, request: pb.RegisterRegionRequest) -> Reply:
+        if not request.HasField("geometry"):
+            raise InvalidArgument(
+                "geometry is missing: set num_layers, num_kv_heads, head_dim, dtype, max_batch, max_context")
+        g = request.geometry
+        size = DTYPE_SIZES.get(g.dtype)
+        if size is None:
+            raise InvalidArgument(
+                f"geometry.dtype {g.dtype} is not a known DType: set one of "
+                + ", ".join(pb.DType.Name(k) for k in DTYPE_SIZES))
+        if g.layout not in (pb.LAYOUT_PER_LAYER, pb.LAYOUT_ALL_LAYERS):
+            raise InvalidArgument(
+                f"geometry.layout {g.layout} is not a known Layout: use LAYOUT_PER_LAYER or LAYOUT_ALL_LAYERS")
+        geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, size, g.max_batch, g.max_context,
+                            all_layers=g.layout == pb.LAYOUT_ALL_LAYERS)
+        with self.lock:
+            region, spares = self.core.register_region(s.id, geometry, request.device, request.spare_pages)
             try:
-                new = self.backend.zeroed_pages(device, len(foreign))
-            except Exception as exc:
-                core.unclaim(foreign)
-                log.error("cannot scrub %d pages on device %d: %s", len(foreign), device, exc)
-                raise ResourceExhausted(
-                    f"device {device}: {len(foreign)} pages that another tenant held last must be replaced "
-                    f"with zeroed ones, and that failed ({exc}); retry, or give vattnd a smaller --pool-size "
-                    "so the device keeps room to scrub"
-                ) from exc
-            # The old fds may still be on their way to their last holder:
-            # they are closed once every send started before now is done.
-            self._retired.append((self._sends_started, device, [fds[p] for p, _ in foreign]))
-            for (page, _), fd in zip(foreign, new):
-                fds[page] = fd
-            self.pages_scrubbed += len(foreign)
-        handle.grant_seq += 1
-        self._sends_started += 1
-        ticket = self._sends_started
-        self._sending.add(ticket)
-        return handle.grant_seq, [fds[p] for p in pages], ticket
+                delivery = self.pages.deliver(region.device, spares.spare_added, spares.replace)
+            except BaseException:
+                self.core.revert(s.id, region.id, spares)
+                self.core.release_region(s.id, region.id)
+                raise
+            reply = region_layout(region, g)
+            seq = 0
+            if delivery.fds:
+                seq = reply.spare_grant_seq = self._next_seq(s)
+                reply.spare_page_ids.extend(spares.spare_added)
+        return Reply(reply, delivery.fds, delivery.sent, seq)
 
-    def _send(self, handle: SessionHandle, grant_seq: int, fds: list[int], ticket: int) -> int:
-        """Sends what :meth:`_deliver_locked` readied (send lock held, self.lock not); returns grant_seq."""
-        if not fds:
-            return 0
-        conn = handle.conn
+    def release_region(self, s: SessionHandle, request: pb.ReleaseRegionRequest) -> Reply:
+        with self.lock:
+            released = self.core.release_region(s.id, request.region_id)
+            done = self._retry_waiting() if released else []
+        self._finish(done)
+        return Reply(pb.ReleaseRegionReply(pages_released=len(released)))
+
+    # ----- the per-iteration calls -----------------------------------------
+    def grow(self, s: SessionHandle, request: pb.GrowRequest) -> Reply | Pending:
+        return self._grant(s, request.region_id, ((request.slot, request.tokens),))
+
+    def step(self, s: SessionHandle, request: pb.StepRequest) -> Reply | Pending:
+        return self._grant(s, request.region_id, [(e.slot, e.tokens) for e in request.entries])
+
+    def shrink(self, s: SessionHandle, request: pb.ShrinkRequest) -> Reply:
+        return self._shrink(s, request.region_id, request.slot, request.tokens)
+
+    def free(self, s: SessionHandle, request: pb.FreeRequest) -> Reply:
+        if not request.keep_pages:
+            return self._shrink(s, request.region_id, request.slot, 0)
+        with self.lock:  # deferred reclamation: the pages stay the session's, marked idle
+            pages = self.core.park(s.id, request.region_id, request.slot)
+            kept = pages // self.core.region(s.id, request.region_id).num_tensors
+        return Reply(pb.ShrinkReply(pages_per_tensor=kept, pages_released=0))
+
+    def _shrink(self, s: SessionHandle, region_id: int, slot: int, tokens: int) -> Reply:
+        with self.lock:
+            keep, released = self.core.shrink(s.id, region_id, slot, tokens)
+            done = self._retry_waiting() if released and self._waiting else []
+        self._finish(done)
+        return Reply(pb.ShrinkReply(pages_per_tensor=keep, pages_released=len(released)))
+
+    def _grant(self, s: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> Reply | Pending:
+        with self.lock:
+            outcome = self._try_grant(s, region_id, entries)
+            if isinstance(outcome, Reply):
+                return outcome
+            asks = [(self._by_id[sid], pages) for sid, pages in outcome.reclaim if sid in self._by_id]
+            if not asks or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
+                raise outcome.error()
+            pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
+            self._waiting.append(pending)
+            self.reclaims_asked += len(asks)
+            self._arm()
+        for handle, pages in asks:
+            handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages)))
+        log.info("pool of device %d short by %d pages: asked %d sessions for idle pages", outcome.device,
+                 outcome.shortfall, len(asks))
+        return pending
+
+    def _try_grant(self, s: SessionHandle, region_id: int, entries) -> Reply | Shortage:
+        """One attempt (self.lock held): the reply with its fds, or the shortage (nothing changed)."""
+        core = self.core
+        grant = core.step(s.id, region_id, entries)
+        if isinstance(grant, Shortage):
+            return grant
+        if grant is EMPTY_GRANT:
+            return Reply(grant_reply(0, grant))
+        fd_pages = grant.fd_pages
+        if not fd_pages:
+            return Reply(grant_reply(0, grant))
         try:
-            conn.send_pages(grant_seq, fds)
-        except ChannelBroken as exc:
-            # The worker is gone or stuck: end the session, which returns
-            # these pages with the rest (the channel thread closes the socket).
-            self.close_session(conn)
-            conn.shutdown()
-            raise Unavailable(f"{exc}; the session was closed: reconnect") from exc
-        finally:
+            delivery = self.pages.deliver(core.device_of(fd_pages[0]), fd_pages, grant.replace)
+        except BaseException:
+            core.revert(s.id, region_id, grant)
+            raise
+        seq = self._next_seq(s)
+        return Reply(grant_reply(seq, grant), delivery.fds, delivery.sent, seq)
+
+    @staticmethod
+    def _next_seq(s: SessionHandle) -> int:
+        s.grant_seq += 1
+        return s.grant_seq
+
+    # ----- waiting for reclaimed pages -------------------------------------
+    def _retry_waiting(self) -> list[tuple[Pending, Reply | VattnError]]:
+        """Retries the waiting grants after pages came back (self.lock held); returns those done."""
+        done = []
+        for p in list(self._waiting):
+            outcome = self._attempt(p)
+            if isinstance(outcome, Shortage):
+                continue
+            self._waiting.remove(p)
+            p.session.waiting = None
+            done.append((p, outcome))
+        return done
+
+    def _attempt(self, p: Pending) -> Reply | Shortage | VattnError:
+        """Tries a waiting grant again (self.lock held); an error ends it."""
+        try:
+            return self._try_grant(p.session, p.region_id, p.entries)
+        except VattnError as exc:
+            return exc
+        except Exception:  # noqa: BLE001 - a bug answers this grant, not the caller that freed pages
+            log.exception("a grant waiting for reclaimed pages failed")
+            return Internal("Grow failed inside vattnd; see the daemon's log")
+
+    @staticmethod
+    def _finish(done: list[tuple[Pending, Reply | VattnError]]) -> None:
+        """Completes pending grants (self.lock not held)."""
+        for pending, outcome in done:
+            pending._complete(outcome)
+
+    def _arm(self) -> None:
+        """Starts the deadline thread, or wakes it for a new deadline (self.lock held)."""
+        if self._deadline_thread is None:
+            self._deadline_thread = threading.Thread(target=self._expire_loop, name="vattnd-reclaim-wait",
+                                                     daemon=True)
+            self._deadline_thread.start()
+        else:
+            self._deadlines.notify()
+
+    def _expire_loop(self) -> None:
+        while True:
             with self.lock:
-                self._sending.discard(ticket)
-                if self._retired:
-                    self._close_retired()
-        return grant_seq
-
-    def _close_retired(self) -> None:
-        """Releases scrubbed-away pages no send in flight can still hold (self.lock held)."""
-        oldest = min(self._sending, default=self._sends_started + 1)
-        keep = []
-        for entry in self._retired:
-            retired_at, device, fds = entry
-            if retired_at < oldest:
-                self.backend.release_pages(device, fds)
-            else:
-                keep.append(entry)
-        self._retired = keep
-
-    def release_region(self, token: str, region_id: int) -> int:
-        handle = self._handle(token)
-        with self.lock:
-            released = self.core.release_region(handle.session_id, region_id)
-            if released:
-                self._released.notify_all()
-            return len(released)
-
-    # ----- the hot path ----------------------------------------------------
-    def grant(self, token: str, region_id: int, entries: Sequence[tuple[int, int]]) -> tuple[int, Grant]:
-        """Grows slots and sends the new pages' fds; returns (grant_seq, grant)."""
-        return self.grant_to(self._handle(token), region_id, entries)
-
-    def grant_to(self, handle: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]],
-                 wait: float = RECLAIM_WAIT_S) -> tuple[int, Grant]:
-        """Grows slots and sends the new pages' fds.
-
-        If the pool is short and other sessions hold idle pages, asks them to
-        give pages back and waits up to ``wait`` seconds for enough to return
-        (``wait=0``: raise ResourceExhausted at once).
-        """
-        with handle.conn.send_lock:
-            deadline = None
-            with self.lock:
-                while True:
-                    try:
-                        grant = self.core.step(handle.session_id, region_id, entries)
+                while not self._closing:
+                    now = time.monotonic()
+                    expired = [p for p in self._waiting if p.deadline <= now]
+                    if expired:
                         break
-                    except ResourceExhausted as exc:
-                        now = time.monotonic()
-                        if getattr(exc, "over_quota", False):
-                            raise  # other sessions' idle pages do not lift a quota
-                        if deadline is None:
-                            device = self.core.region(handle.session_id, region_id).device
-                            asks = self._reclaim_targets(device, handle.session_id, exc.shortfall)
-                            if not asks or wait <= 0:
-                                raise
-                            deadline = now + wait
-                            self.lock.release()
-                            try:
-                                self._ask_back(device, asks)
-                            finally:
-                                self.lock.acquire()
-                            continue
-                        if now >= deadline:
-                            raise
-                        self._released.wait(deadline - now)
-                if grant is EMPTY_GRANT:
-                    return 0, grant
-                try:
-                    out = self._deliver_locked(handle, grant.fd_pages)
-                except BaseException:
-                    self.core.revert(handle.session_id, region_id, grant)
-                    raise
-            return self._send(handle, *out), grant
+                    nearest = min((p.deadline for p in self._waiting), default=now + 3600)
+                    self._deadlines.wait(nearest - now)
+                if self._closing:
+                    return
+                done = []
+                for p in expired:  # one last try, then the shortage is the answer
+                    outcome = self._attempt(p)
+                    if isinstance(outcome, Shortage):
+                        outcome = outcome.error()
+                    self._waiting.remove(p)
+                    p.session.waiting = None
+                    done.append((p, outcome))
+            self._finish(done)
 
-    def needs_reclaim(self, handle: SessionHandle, region_id: int) -> bool:
-        """Whether a grant that just failed for want of pages could wait for idle pages."""
+    # ----- observing and operating -----------------------------------------
+    def _pools(self, snap: Snapshot) -> list[pb.DevicePool]:
+        names = self.facts.device_names
+        return [
+            pb.DevicePool(device=d.device, name=names.get(d.device, ""), pages_total=d.pages_total,
+                          pages_free=d.pages_free, pages_used=d.pages_used, page_size=snap.page_size,
+                          pages_spare=d.pages_spare, pages_idle=d.pages_idle)
+            for d in snap.devices
+        ]
+
+    def server_info(self) -> Reply:
+        return Reply(pb.ServerInfo(
+            version=vattnd.__version__, backend=BACKENDS[self.backend.kind], page_size=self.core.page_size,
+            devices=self._pools(self.snapshot()), channel_path=self.facts.channel_path,
+            metrics_url=self.facts.metrics_url,
+        ))
+
+    def stats(self, full: bool) -> Reply:
+        """Pools; with ``full`` (admin) also sessions and tenants."""
+        snap = self.snapshot()
+        now = self.clock()
+        reply = pb.StatsReply(version=vattnd.__version__, backend=BACKENDS[self.backend.kind],
+                              pools=self._pools(snap), uptime_seconds=now - self.started_at)
+        if full:
+            reply.sessions.extend(
+                pb.SessionInfo(session_id=s.id, pid=s.pid, uid=s.uid, gid=s.gid, name=s.name, tenant=s.tenant,
+                               pages=s.pages, regions=s.regions, age_seconds=max(0.0, now - s.opened_at))
+                for s in snap.sessions
+            )
+            reply.tenants.extend(tenant_info(t) for t in snap.tenants)
+        return Reply(reply)
+
+    def audit(self) -> Reply:
+        """Checks the core's invariants (Internal if broken)."""
         with self.lock:
-            device = self.core.region(handle.session_id, region_id).device
-            return bool(self._reclaim_targets(device, handle.session_id))
-
-    def _reclaim_targets(self, device: int, requester: int, shortfall: int = 1) -> list[tuple[Connection, int]]:
-        """(connection, pages to ask for) of other sessions holding idle pages on ``device``,
-        most idle first, until ``shortfall`` is covered."""
-        by_id = {h.session_id: h for h in self._by_conn.values()}
-        # Lower-priority tenants first, then the sessions with the most idle pages.
-        idle = sorted(
-            (self.core.priority(self.core.tenant_of(sid)), -pages, sid)
-            for sid, pages in self.core.idle_by_session(device).items()
-            if sid != requester and sid in by_id
-        )
-        asks = []
-        for _, neg_pages, sid in idle:
-            pages = -neg_pages
-            if shortfall <= 0:
-                break
-            asks.append((by_id[sid].conn, min(pages, shortfall)))
-            shortfall -= pages
-        return asks
-
-    def _ask_back(self, device: int, asks: list[tuple[Connection, int]]) -> None:
-        for conn, pages in asks:
-            self.reclaims_asked += 1
             try:
-                conn.send_message(channel_pb2.ChannelMessage(
-                    reclaim=channel_pb2.ReclaimRequest(device=device, pages=pages)))
-            except ChannelBroken:
-                pass  # that session is ending: its pages come back anyway
-        log.info("pool of device %d short: asked %d sessions for idle pages", device, len(asks))
+                self.core.check_invariants()
+            except AssertionError as exc:
+                log.error("audit failed: %s", exc)
+                raise Internal(f"pool invariant broken: {exc}") from None
+            owned = len(self.core.owners())
+            snap = self.core.snapshot()
+        return Reply(pb.AuditReply(pages_total=sum(d.pages_total for d in snap.devices),
+                                   pages_free=sum(d.pages_free for d in snap.devices), pages_owned=owned,
+                                   sessions=len(snap.sessions)))
 
-    def shrink(self, token: str, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
-        return self.shrink_of(self._handle(token), region_id, slot, tokens)
-
-    def shrink_of(self, handle: SessionHandle, region_id: int, slot: int, tokens: int) -> tuple[int, int]:
+    def set_quota(self, request: pb.SetQuotaRequest) -> Reply:
+        tenant = request.tenant
+        if not TENANT_NAME.fullmatch(tenant):
+            raise InvalidArgument(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+        pages = None if request.unlimited else request.quota_bytes // self.core.page_size
+        priority = request.priority if request.set_priority else None
         with self.lock:
-            keep, released = self.core.shrink(handle.session_id, region_id, slot, tokens)
-            if released:
-                self._released.notify_all()
-        return keep, len(released)
-
-    def park(self, token: str, region_id: int, slot: int) -> int:
-        return self.park_of(self._handle(token), region_id, slot)
-
-    def park_of(self, handle: SessionHandle, region_id: int, slot: int) -> int:
-        """Free with keep_pages: the slot's pages stay the session's, marked idle."""
-        with self.lock:
-            pages = self.core.park(handle.session_id, region_id, slot)
-            region = self.core.region(handle.session_id, region_id)
-            return region.slot_pages_per_tensor(slot) if pages else 0
-
-    # ----- observing -------------------------------------------------------
-    def audit(self) -> tuple[int, Snapshot]:
-        """Checks the core's invariants (AssertionError if broken); returns (pages owned, snapshot)."""
-        with self.lock:
-            self.core.check_invariants()
-            return len(self.core.owners()), self.core.snapshot()
+            self.core.set_quota(tenant, self.core.quota(tenant) if request.keep_quota else pages, priority)
+            done = self._retry_waiting()  # a raised quota may let a waiting grant through
+            info = next(t for t in self.core.tenants() if t.name == tenant)
+        self._finish(done)
+        log.info("tenant %s: quota %s pages, priority %s", tenant,
+                 "unchanged" if request.keep_quota else pages, priority)
+        return Reply(tenant_info(info))
 
     def counters(self) -> dict[str, int]:
-        return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages_scrubbed,
+        return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages.replaced,
                 "reclaims_asked": self.reclaims_asked}
 
     def snapshot(self) -> Snapshot:
         with self.lock:
             return self.core.snapshot()
+
+
+__all__ = ["Outbox", "Peer", "Pending", "PoolService", "Reply", "ServerFacts", "SessionHandle", "printable"]

@@ -8,9 +8,10 @@
     cache.grow(slot, 1500)
     k, v = cache.k[0], cache.v[0]
 
-torch is imported only when a cache is made.
+Importing it is light: grpc is imported when a connection is made, torch
+when a cache is.
 """
-from vattn.errors import (
+from vattn.contract.errors import (
     Internal,
     InvalidArgument,
     NotFound,
@@ -21,10 +22,26 @@ from vattn.errors import (
     Unavailable,
     VattnError,
 )
-from vattn.paths import default_socket
-from vattn.pool import Pool, connect
+from vattn.paths import DEFAULT_TIMEOUT_S, default_socket
 
 __version__ = "0.1.0"
+
+
+def connect(socket: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+            transport: str = "channel", tenant: str = "") -> "Pool":
+    """Opens a session with the vattnd listening on ``socket``; see :func:`vattn.pool.connect`."""
+    from vattn.pool import connect as _connect
+
+    return _connect(socket, name=name, timeout=timeout, transport=transport, tenant=tenant)
+
+
+def __getattr__(name: str):
+    if name == "Pool":
+        from vattn.pool import Pool
+
+        return Pool
+    raise AttributeError(f"module 'vattn' has no attribute {name!r}")
+
 
 __all__ = [
     "Internal", "InvalidArgument", "NotFound", "OutOfRange", "PermissionDenied", "Pool",

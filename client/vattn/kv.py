@@ -8,19 +8,25 @@ engines grow before they write, as with any KV cache.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import ctypes
-import itertools
 import os
 import threading
 from typing import Mapping
 
 import torch
 
-from vattn.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, Unauthenticated, Unavailable
+from vattn.contract.errors import (
+    Internal,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VattnError,
+)
+from vattn.contract.layout import Geometry, Layout, SlotGrant
 from vattn.mapping import Mapper
 from vattn.session import Session
+from vattn.slots import SlotTable
 from vattn.v1 import vattn_pb2 as pb
 
 DTYPES: dict[torch.dtype, int] = {
@@ -61,9 +67,21 @@ def raw_tensor(device: str, addr: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_CudaArray(addr, nbytes), device=device)
 
 
+def layout_of(reply: pb.RegionLayout, dtype_size: int) -> Layout:
+    """The contract's layout of a region, as the daemon's RegisterRegion reply states it."""
+    g = reply.geometry
+    geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, dtype_size, g.max_batch, g.max_context,
+                        all_layers=g.layout == pb.LAYOUT_ALL_LAYERS)
+    return Layout(reply.region_id, geometry, reply.page_size, reply.num_tensors, reply.token_bytes,
+                  reply.slot_stride, reply.pages_per_slot)
+
+
 class KVCache:
     """A registered KV region: ``k[layer]``, ``v[layer]`` and slot operations.
 
+    The slot bookkeeping is a :class:`vattn.slots.SlotTable` (``self.slots``);
+    this class adds the tensors, the mapping of granted pages, the calls to
+    the daemon, ``step_async`` and the answers to reclaim requests.
     Not thread-safe: drive one cache from one thread (the engine loop).
     """
 
@@ -77,32 +95,31 @@ class KVCache:
         self.num_layers, self.max_batch, self.max_context = g.num_layers, g.max_batch, g.max_context
         self.dtype = dtype
         self.page_size = layout.page_size
-        self._token_bytes = layout.token_bytes
-        self._stride = layout.slot_stride
-        self._num_tensors = layout.num_tensors
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.slots = SlotTable(layout_of(layout, elem), layout.spare_page_ids)
         self._bases: list[int] = []
         try:
-            for _ in range(self._num_tensors):
+            for _ in range(layout.num_tensors):
                 self._bases.append(mapper.reserve(layout.tensor_bytes))
         except BaseException:
             for base in self._bases:
                 mapper.free(base, layout.tensor_bytes)
             raise
-        elem = torch.empty((), dtype=dtype).element_size()
+        stride = layout.slot_stride // elem
         heads, dim = g.num_kv_heads, g.head_dim
         self.all_layers = g.layout == pb.LAYOUT_ALL_LAYERS
         if self.all_layers:
             # One tensor [batch, context, layers, 2, heads, dim]; K and V of a
             # layer are views with a token stride of layers x 2 x heads x dim.
             shape = (g.max_batch, g.max_context, g.num_layers, 2, heads, dim)
-            strides = (self._stride // elem, g.num_layers * 2 * heads * dim, 2 * heads * dim, heads * dim, dim, 1)
+            strides = (stride, g.num_layers * 2 * heads * dim, 2 * heads * dim, heads * dim, dim, 1)
             self.kv = raw_tensor(mapper.device, self._bases[0], layout.tensor_bytes).view(dtype).as_strided(
                 shape, strides)
             self.k: list[torch.Tensor] = [self.kv[:, :, layer, 0] for layer in range(g.num_layers)]
             self.v: list[torch.Tensor] = [self.kv[:, :, layer, 1] for layer in range(g.num_layers)]
         else:
             shape = (g.max_batch, g.max_context, heads, dim)
-            strides = (self._stride // elem, heads * dim, dim, 1)
+            strides = (stride, heads * dim, dim, 1)
             tensors = [
                 raw_tensor(mapper.device, base, layout.tensor_bytes).view(dtype).as_strided(shape, strides)
                 for base in self._bases
@@ -110,27 +127,19 @@ class KVCache:
             self.kv = None
             self.k = tensors[0::2]
             self.v = tensors[1::2]
-        # Pages per tensor mapped under each slot, and the tokens they cover.
-        self._pages = [0] * g.max_batch
-        self._capacity = [0] * g.max_batch
-        self._in_use = [False] * g.max_batch
         self.closed = False
-        # Spare pages held ahead of need, oldest first: the order the daemon
-        # takes them in, so a grow covered by spares is known in advance.
         # Eager allocation: a grow maps this many pages beyond what it needs.
         self.ahead_pages = ahead_pages
         # Deferred reclamation: free() keeps a slot's pages mapped for the next
         # request; the daemon may ask for them back (release_idle).
         self.keep_freed = keep_freed
-        self._idle: set[int] = set()
         self.device_index = layout.device
         # Guards the slot state against the reclaim listener and step_async.
         self._lock = threading.RLock()
         # step_async runs on one background thread; every other call waits for it first.
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
-        self._spares: collections.deque[int] = collections.deque()
-        self._add_spares(layout.spare_page_ids, spare_fds)
+        self._mapper.add_spares(layout.spare_page_ids, spare_fds)
 
     # ----- slots -----------------------------------------------------------
     def alloc(self, tokens: int = 0) -> int:
@@ -143,45 +152,29 @@ class KVCache:
         """
         self.wait()
         with self._lock:
-            need = -(-max(0, tokens) * self._token_bytes // self.page_size)
-            best, best_key = -1, None
-            for slot, used in enumerate(self._in_use):
-                if used:
-                    continue
-                pages = self._pages[slot]
-                key = (0, -pages) if pages <= need else (1, pages)
-                if best_key is None or key < best_key:
-                    best, best_key = slot, key
-            if best < 0:
-                raise ResourceExhausted(
-                    f"all {self.max_batch} slots of region {self.region_id} are in use: free one, "
-                    "or register a region with a larger max_batch"
-                )
-            self._in_use[best] = True
-            self._idle.discard(best)
-            return best
+            return self.slots.alloc(tokens)
 
     def capacity(self, slot: int) -> int:
         """Tokens slot ``slot`` can hold without another grow."""
-        return self._capacity[slot]
+        return self.slots.capacity[slot]
 
     def pages(self, slot: int) -> int:
         """Pages per tensor mapped under ``slot``."""
-        return self._pages[slot]
+        return self.slots.pages[slot]
 
     @property
     def spare_pages(self) -> int:
         """Pages held ahead of need (prefetched) for this cache."""
-        return len(self._spares)
+        return len(self.slots.spares)
 
     def grow(self, slot: int, tokens: int) -> None:
         """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can."""
         if self._pending is not None:
             self.wait()
-        if 0 <= slot < self.max_batch and tokens <= self._capacity[slot]:
+        if self.slots.covers(slot, tokens):
             return
         with self._lock:
-            self._grant({slot: tokens}.items(), single=True)
+            self._grant(((slot, tokens),), single=True)
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
@@ -198,8 +191,8 @@ class KVCache:
         """
         if self._pending is not None:
             self.wait()
-        capacity = self._capacity
-        if all(0 <= slot < self.max_batch and tokens <= capacity[slot] for slot, tokens in targets.items()):
+        covers = self.slots.covers
+        if all(covers(slot, tokens) for slot, tokens in targets.items()):
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(None)  # nothing to map: no thread hand-off on most iterations
             return done
@@ -215,38 +208,11 @@ class KVCache:
             pending.result()
 
     def _step(self, targets: Mapping[int, int]) -> None:
-        capacity = self._capacity
-        needy = [
-            (slot, tokens) for slot, tokens in targets.items()
-            if not (0 <= slot < self.max_batch and tokens <= capacity[slot])
-        ]
+        covers = self.slots.covers
+        needy = [(slot, tokens) for slot, tokens in targets.items() if not covers(slot, tokens)]
         if needy:
             with self._lock:
                 self._grant(needy, single=False)
-
-    def _plan(self, entries) -> list[tuple[int, int, int]] | None:
-        """(slot, first page, count) per slot needing pages, as the daemon will grant them;
-        None if some entry is invalid (the daemon then answers with the exact error)."""
-        plan, seen = [], set()
-        for slot, tokens in entries:
-            if not (0 <= slot < self.max_batch and 0 <= tokens <= self.max_context) or slot in seen:
-                return None
-            seen.add(slot)
-            need = -(-tokens * self._token_bytes // self.page_size)
-            if need > self._pages[slot]:
-                plan.append((slot, self._pages[slot], need - self._pages[slot]))
-        return plan
-
-    def _addrs(self, plan) -> list[int]:
-        """Addresses of a grant's pages, in the daemon's order (per slot, page-major, tensor-interleaved)."""
-        stride, page_size, bases = self._stride, self.page_size, self._bases
-        addrs: list[int] = []
-        for slot, first, count in plan:
-            slot_base = slot * stride + first * page_size
-            for j in range(count):
-                offset = slot_base + j * page_size
-                addrs.extend(base + offset for base in bases)
-        return addrs
 
     def _grant(self, entries, single: bool) -> None:
         try:
@@ -264,31 +230,32 @@ class KVCache:
     def _grant_once(self, entries, single: bool) -> None:
         entries = list(entries)
         if self.ahead_pages:
-            ahead = self.ahead_pages * self.page_size // self._token_bytes
+            ahead = self.ahead_pages * self.page_size // self.slots.layout.token_bytes
             entries = [(slot, min(tokens + ahead, self.max_context)) if 0 <= tokens <= self.max_context
                        else (slot, tokens) for slot, tokens in entries]
         if self._mapper.overlap_spares and self._session.transport == "channel":
-            plan = self._plan(entries)
-            if plan is not None:
-                wanted = sum(count for _, _, count in plan) * self._num_tensors
-                if 0 < wanted <= len(self._spares):
-                    return self._grant_from_spares(entries, plan, wanted)
+            try:
+                plan, wanted = self.slots.plan(entries)
+            except VattnError:
+                plan, wanted = None, 0  # the daemon answers with the same error
+            spares = self.slots.spares_for(wanted)
+            if spares is not None:
+                return self._grant_from_spares(entries, plan, spares)
         if single:
             reply, fds = self._session.grow(self.region_id, *entries[0])
         else:
             reply, fds = self._session.step(self.region_id, entries)
         self._map(reply, fds)
 
-    def _grant_from_spares(self, entries, plan, wanted: int) -> None:
+    def _grant_from_spares(self, entries, plan, spares: list[int]) -> None:
         """The grant is covered by spares, which the daemon takes oldest first: map them while
         the call is in flight, then check the daemon granted exactly those."""
-        pages = list(itertools.islice(self._spares, wanted))
-        addrs = self._addrs(plan)
+        addrs = self.slots.layout.addresses(plan, self._bases)
         failure: list[BaseException] = []
 
         def map_ahead() -> None:
             try:
-                self._mapper.map_pages(addrs, pages, (), self.page_size)
+                self._mapper.map_pages(addrs, spares, (), self.page_size)
             except BaseException as exc:  # noqa: BLE001 - handled once the reply is in
                 failure.append(exc)
 
@@ -296,46 +263,35 @@ class KVCache:
             reply, fds = self._session.step_overlapped(self.region_id, entries, map_ahead)
         except BaseException:
             if not failure:
-                self._mapper.unmap_to_spares(addrs, pages)  # the daemon kept them as spares
+                self._mapper.unmap_to_spares(addrs, spares)  # the daemon kept them as spares
             raise
-        expected = [(slot, first, count) for slot, first, count in plan]
-        if failure or list(reply.page_ids) != pages or [(g.slot, g.first_page, g.count) for g in reply.grants] != expected:
+        granted = [(g.slot, g.first_page, g.count) for g in reply.grants]
+        if failure or list(reply.page_ids) != spares or granted != [tuple(g) for g in plan]:
             _close_fds(fds)
             if failure:
                 raise failure[0]
             raise Internal("the daemon granted other pages than the spares it holds for this region; reconnect")
-        for _ in range(wanted):
-            self._spares.popleft()
-        self._add_spares(reply.spare_page_ids, fds)
-        self._grew(plan)
-
-    def _add_spares(self, page_ids, fds) -> None:
-        self._spares.extend(page_ids)
-        self._mapper.add_spares(page_ids, fds)
-
-    def _grew(self, plan) -> None:
-        for slot, first, count in plan:
-            pages = self._pages[slot] = first + count
-            self._capacity[slot] = min(self.max_context, pages * self.page_size // self._token_bytes)
+        self._mapper.add_spares(reply.spare_page_ids, fds)
+        self.slots.granted(plan, reply.page_ids, reply.spare_page_ids)
 
     def _map(self, reply: pb.GrantReply, fds: list[int]) -> None:
+        """Maps the pages of a grant the daemon made, with the fds that came with it."""
         n_spare = len(reply.spare_page_ids)
         fresh, spare_fds = fds[: len(fds) - n_spare], fds[len(fds) - n_spare :]
-        plan = [(g.slot, g.first_page, g.count) for g in reply.grants]
-        for slot, first, _ in plan:
-            if first != self._pages[slot]:
-                _close_fds(fds)
-                raise Internal(
-                    f"slot {slot}: daemon says {first} pages were mapped, the client has "
-                    f"{self._pages[slot]}; the session is out of step: reconnect"
-                )
-        # The daemon used spares first, oldest first.
-        used = min(len(reply.page_ids), len(self._spares))
-        for _ in range(used):
-            self._spares.popleft()
-        self._mapper.map_pages(self._addrs(plan), reply.page_ids, fresh, self.page_size)
-        self._add_spares(reply.spare_page_ids, spare_fds)
-        self._grew(plan)
+        plan = [SlotGrant(g.slot, g.first_page, g.count) for g in reply.grants]
+        slots = self.slots
+        try:
+            slots.check_grant(plan)
+        except Internal:
+            _close_fds(fds)
+            raise
+        self._mapper.map_pages(slots.layout.addresses(plan, self._bases), reply.page_ids, fresh, self.page_size)
+        self._mapper.add_spares(reply.spare_page_ids, spare_fds)
+        slots.granted(plan, reply.page_ids, reply.spare_page_ids)
+
+    def page_addresses(self, slot: int, first: int, count: int) -> list[int]:
+        """Where pages ``first .. first + count - 1`` of ``slot`` sit, every tensor's, in grant order."""
+        return self.slots.layout.addresses([SlotGrant(slot, first, count)], self._bases)
 
     def wait_prefetched(self) -> None:
         """Blocks until the spare pages received so far are imported (benchmarks, tests)."""
@@ -348,20 +304,18 @@ class KVCache:
             self._shrink(slot, tokens)
 
     def _shrink(self, slot: int, tokens: int) -> None:
-        if not 0 <= slot < self.max_batch:
-            raise OutOfRange(f"slot {slot} is outside region {self.region_id}'s slots 0..{self.max_batch - 1}")
-        if tokens < 0:
-            raise InvalidArgument(f"tokens must not be negative (slot {slot}: {tokens})")
-        have = self._pages[slot]
-        keep = min(have, -(-tokens * self._token_bytes // self.page_size))
+        layout = self.slots.layout
+        layout.check_slot(slot)
+        layout.check_tokens(slot, tokens)
+        have = self.slots.pages[slot]
+        keep = min(have, layout.pages_for(tokens))
         if keep == have:
             return
         # Unmap before the daemon can give the pages to anyone else.
-        start = slot * self._stride + keep * self.page_size
+        start = slot * layout.slot_stride + keep * self.page_size
         for base in self._bases:
             self._mapper.unmap(base + start, (have - keep) * self.page_size)
-        self._pages[slot] = keep
-        self._capacity[slot] = min(self.max_context, keep * self.page_size // self._token_bytes)
+        self.slots.set_pages(slot, keep)
         reply = self._session.shrink(self.region_id, slot, tokens)
         if reply.pages_per_tensor != keep:
             raise Internal(f"slot {slot}: daemon kept {reply.pages_per_tensor} pages, the client {keep}")
@@ -374,17 +328,17 @@ class KVCache:
         """
         self.wait()
         with self._lock:
-            if self.keep_freed and 0 <= slot < self.max_batch and self._pages[slot]:
+            keep = self.keep_freed and 0 <= slot < self.max_batch and self.slots.pages[slot] > 0
+            if keep:
                 self._session.free(self.region_id, slot, keep_pages=True)
-                self._idle.add(slot)
             else:
                 self._shrink(slot, 0)
-            self._in_use[slot] = False
+            self.slots.release(slot, keep)
 
     @property
     def idle_pages(self) -> int:
         """Pages kept mapped under freed slots (``keep_freed``)."""
-        return sum(self._pages[slot] for slot in self._idle) * self._num_tensors
+        return self.slots.idle_pages()
 
     def release_idle(self, device: int, pages: int) -> int:
         """Gives back up to ``pages`` pages of freed slots (largest first); returns how many.
@@ -395,14 +349,11 @@ class KVCache:
             return 0
         given = 0
         with self._lock:
-            for slot in sorted(self._idle, key=lambda s: -self._pages[s]):
+            for slot in self.slots.reclaimable():
                 if given >= pages:
                     break
-                if self._in_use[slot]:
-                    continue
-                given += self._pages[slot] * self._num_tensors
+                given += self.slots.pages[slot] * self.slots.layout.num_tensors
                 self._shrink(slot, 0)
-                self._idle.discard(slot)
         return given
 
     # ----- lifetime --------------------------------------------------------

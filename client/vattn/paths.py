@@ -1,9 +1,11 @@
-"""Where the daemon listens by default; shared by the daemon and the client."""
+"""Where the daemon listens by default, and how long a call may take; shared by the daemon and the client."""
 from __future__ import annotations
 
 import os
 
 ENV_SOCKET = "VATTND_SOCKET"
+# Seconds every call of a worker's session may take.
+DEFAULT_TIMEOUT_S = 30.0
 
 
 def default_socket() -> str:

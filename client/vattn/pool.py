@@ -5,7 +5,8 @@ import os
 from typing import TYPE_CHECKING
 
 from vattn.errors import InvalidArgument
-from vattn.session import DEFAULT_TIMEOUT_S, Session
+from vattn.paths import DEFAULT_TIMEOUT_S
+from vattn.session import Session
 from vattn.v1 import vattn_pb2 as pb
 
 if TYPE_CHECKING:
@@ -116,12 +117,13 @@ def connect(socket: str | None = None, *, name: str | None = None, timeout: floa
             transport: str = "channel", tenant: str = "") -> Pool:
     """Opens a session with the vattnd listening on ``socket`` (default: :func:`vattn.paths.default_socket`).
 
-    ``transport`` carries the per-iteration calls (grow, step, shrink, free):
-    ``"channel"`` (default) sends them on the session's fd channel (~0.3 ms
-    an empty call); ``"grpc"`` uses the gRPC methods of the same name (~1.1
-    ms). Both give the same results and errors.
+    ``transport`` carries the session calls (register and release a region,
+    grow, step, shrink, free): ``"channel"`` (default) sends them on the
+    session's fd channel (~0.3 ms an empty call); ``"grpc"`` uses the gRPC
+    methods of the same name (~1.1 ms). Both give the same results and errors.
 
     ``tenant`` names whose quota the session's pages count against (default:
     ``"default"``); the daemon may restrict tenants to Unix users.
+    ``timeout`` (seconds) bounds every call.
     """
     return Pool(Session(socket, name=name, timeout=timeout, transport=transport, tenant=tenant))

@@ -2,6 +2,9 @@
 
 :class:`Session` is the typed RPC layer: it returns protobuf replies and, for
 granting calls, the received page fds, and raises :mod:`vattn.errors` types.
+Every session call takes one path (:meth:`Session.invoke`): on the fd
+channel, where the fds ride on the reply, or over gRPC, after which the fds
+are read from the channel.
 """
 from __future__ import annotations
 
@@ -14,19 +17,19 @@ from typing import Callable, Iterable
 
 import grpc
 
-from vattn.channel import ClientChannel, _close_all
-from vattn.errors import ERRORS_BY_CODE, InvalidArgument, PermissionDenied, Unavailable, VattnError
-from vattn.paths import admin_path, default_socket
+from vattn.contract import wire
+from vattn.contract.errors import InvalidArgument, PermissionDenied, Unavailable, VattnError, error_for
+from vattn.channel import ClientChannel
+from vattn.paths import DEFAULT_TIMEOUT_S, admin_path, default_socket
 from vattn.v1 import channel_pb2
 from vattn.v1 import vattn_pb2 as pb
 from vattn.v1 import vattn_pb2_grpc as pb_grpc
 
-DEFAULT_TIMEOUT_S = 30.0
-# "channel": Grow/Step/Shrink/Free on the fd channel (~0.3 ms an empty call);
+# "channel": session calls on the fd channel (~0.3 ms an empty call);
 # "grpc": the same calls over gRPC (~1.1 ms from Python).
 TRANSPORTS = ("channel", "grpc")
-# Largest request sent on the channel; a Unix datagram is bounded by the socket buffer (~200 KiB).
-CHANNEL_MAX_CALL = 128 << 10
+# Room for the Call and ChannelMessage wrapping around a request.
+_CALL_OVERHEAD = 32
 
 
 def translate(exc: grpc.RpcError, socket_path: str) -> VattnError:
@@ -39,10 +42,7 @@ def translate(exc: grpc.RpcError, socket_path: str) -> VattnError:
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"vattnd at {socket_path} did not answer in time ({details})")
-    cls = ERRORS_BY_CODE.get(code.name)
-    if cls is None:
-        return VattnError(f"{code.name}: {details}")
-    return cls(details)
+    return error_for(code.name, details)
 
 
 def _default_name() -> str:
@@ -50,8 +50,17 @@ def _default_name() -> str:
     return f"{argv or 'python'} (pid {os.getpid()})"
 
 
+def _fds_expected(reply) -> tuple[int, int]:
+    """(grant_seq, fd count) of a granting reply received over gRPC."""
+    if isinstance(reply, pb.GrantReply):
+        return reply.grant_seq, reply.fd_count
+    if isinstance(reply, pb.RegionLayout):
+        return reply.spare_grant_seq, len(reply.spare_page_ids)
+    return 0, 0
+
+
 class Session:
-    """One worker process's session. Thread-safe; granting calls are serialized."""
+    """One worker process's session. Thread-safe; calls are serialized."""
 
     def __init__(self, socket_path: str | None = None, name: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, transport: str = "channel", tenant: str = ""):
@@ -70,7 +79,7 @@ class Session:
             raise
         self.token = self.channel.token
         self.session_id = self.channel.session_id
-        # One call at a time on the channel, and grants received in order.
+        # One call at a time, and its fds read before the next.
         self._lock = threading.RLock()
         # Deferred reclamation: callables (device, pages) -> pages given back,
         # run when the daemon asks for idle pages (see serve_reclaims).
@@ -86,34 +95,43 @@ class Session:
         except grpc.RpcError as exc:
             raise translate(exc, self.socket_path) from None
 
+    # ----- the one call path ------------------------------------------------
+    def invoke(self, method: str, request) -> tuple[object, list[int]]:
+        """Makes session call ``method`` (a Pool method name); returns the reply and its page fds.
+
+        The fds are the caller's to close. On the channel transport a request
+        too big for one datagram (a Step of thousands of slots) goes over
+        gRPC instead; the results are the same.
+        """
+        with self._lock:
+            if self.transport == "channel" and request.ByteSize() + _CALL_OVERHEAD <= wire.MAX_CALL_BYTES:
+                call = channel_pb2.Call(**{wire.CHANNEL_CALLS[method]: request})
+                return self._result(*self.channel.call(call))
+            reply = self._call(getattr(self.stub, method), request)
+            seq, count = _fds_expected(reply)
+            return reply, (self.channel.receive_pages(seq, count) if count else [])
+
+    @staticmethod
+    def _result(result: channel_pb2.CallResult, fds: list[int]) -> tuple[object, list[int]]:
+        which = result.WhichOneof("result")
+        if which == "error" or which is None:
+            wire.close_fds(fds)
+            raise error_for(result.error.code, result.error.message)
+        return getattr(result, which), fds
+
     # ----- regions ---------------------------------------------------------
     def register_region(self, geometry: pb.Geometry, device: int = 0,
                         spare_pages: int = 0) -> tuple[pb.RegionLayout, list[int]]:
         """Registers a region; returns its layout and the fds of its first spare pages."""
         request = pb.RegisterRegionRequest(session_token=self.token, geometry=geometry, device=device,
                                            spare_pages=spare_pages)
-        with self._lock:
-            layout = self._call(self.stub.RegisterRegion, request)
-            if not layout.spare_grant_seq:
-                return layout, []
-            return layout, self.channel.receive_pages(layout.spare_grant_seq, len(layout.spare_page_ids))
+        return self.invoke("RegisterRegion", request)
 
     def release_region(self, region_id: int) -> int:
-        reply = self._call(
-            self.stub.ReleaseRegion, pb.ReleaseRegionRequest(session_token=self.token, region_id=region_id)
-        )
+        reply, _ = self.invoke("ReleaseRegion", pb.ReleaseRegionRequest(session_token=self.token, region_id=region_id))
         return reply.pages_released
 
-    # ----- the per-iteration calls: fd channel (fast path) or gRPC ---------
-    def _on_channel(self, call: channel_pb2.Call):
-        return self._checked(self.channel.call(call))
-
-    @staticmethod
-    def _checked(result: channel_pb2.CallResult) -> channel_pb2.CallResult:
-        if result.WhichOneof("result") == "error":
-            raise ERRORS_BY_CODE.get(result.error.code, VattnError)(result.error.message)
-        return result
-
+    # ----- the per-iteration calls -----------------------------------------
     def step_overlapped(self, region_id: int, entries: Iterable[tuple[int, int]],
                         during: Callable[[], None]) -> tuple[pb.GrantReply, list[int]]:
         """A channel Step that runs ``during()`` while the daemon works on it.
@@ -129,51 +147,28 @@ class Session:
             try:
                 during()
             finally:
-                result = self.channel.wait_result(call_id)
-                fds: list[int] = []
-                if result.WhichOneof("result") == "grant" and result.grant.grant_seq:
-                    fds = self.channel.receive_pages(result.grant.grant_seq, result.grant.fd_count)
-            if result.WhichOneof("result") == "error":
-                _close_all(fds)
-            return self._checked(result).grant, fds
-
-    def _granted(self, method, request, field: str) -> tuple[pb.GrantReply, list[int]]:
-        with self._lock:
-            # A call too big for one datagram (a Step of tens of thousands of
-            # slots) goes over gRPC instead; the results are the same.
-            if self.transport == "channel" and request.ByteSize() <= CHANNEL_MAX_CALL:
-                reply = self._on_channel(channel_pb2.Call(**{field: request})).grant
-            else:
-                reply = self._call(method, request)
-            if not reply.grant_seq:
-                return reply, []
-            return reply, self.channel.receive_pages(reply.grant_seq, reply.fd_count)
+                result, fds = self.channel.wait_result(call_id)
+            return self._result(result, fds)
 
     def grow(self, region_id: int, slot: int, tokens: int) -> tuple[pb.GrantReply, list[int]]:
         """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""
-        request = pb.GrowRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
-        return self._granted(self.stub.Grow, request, "grow")
+        return self.invoke("Grow", pb.GrowRequest(session_token=self.token, region_id=region_id, slot=slot,
+                                                  tokens=tokens))
 
     def step(self, region_id: int, entries: Iterable[tuple[int, int]]) -> tuple[pb.GrantReply, list[int]]:
         request = pb.StepRequest(
             session_token=self.token, region_id=region_id,
             entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
         )
-        return self._granted(self.stub.Step, request, "step")
-
-    def _shrunk(self, method, request, field: str) -> pb.ShrinkReply:
-        with self._lock:
-            if self.transport == "channel":
-                return self._on_channel(channel_pb2.Call(**{field: request})).shrink
-            return self._call(method, request)
+        return self.invoke("Step", request)
 
     def shrink(self, region_id: int, slot: int, tokens: int) -> pb.ShrinkReply:
         request = pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
-        return self._shrunk(self.stub.Shrink, request, "shrink")
+        return self.invoke("Shrink", request)[0]
 
     def free(self, region_id: int, slot: int, keep_pages: bool = False) -> pb.ShrinkReply:
         request = pb.FreeRequest(session_token=self.token, region_id=region_id, slot=slot, keep_pages=keep_pages)
-        return self._shrunk(self.stub.Free, request, "free")
+        return self.invoke("Free", request)[0]
 
     # ----- deferred reclamation: the daemon asks for idle pages -------------
     def serve_reclaims(self) -> int:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import vattn
 from vattn.session import audit, stats
+from vattn.contract import wire
 from vattn.v1 import channel_pb2
 from vattn.v1 import vattn_pb2 as pb
 
@@ -161,7 +162,7 @@ def test_garbage_on_the_fd_channel_ends_only_that_session(daemon, target):
         rng.randbytes(50),
         b"",
         channel_pb2.ChannelMessage(welcome=channel_pb2.Welcome(session_id=1, session_token="x")).SerializeToString(),
-        channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="again", protocol=1)).SerializeToString(),
+        channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="again", protocol=wire.PROTOCOL)).SerializeToString(),
         channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="old", protocol=99)).SerializeToString(),
         channel_pb2.ChannelMessage(call=channel_pb2.Call(call_id=1)).SerializeToString(),
     ]
@@ -169,7 +170,7 @@ def test_garbage_on_the_fd_channel_ends_only_that_session(daemon, target):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(5)
         sock.connect(daemon.socket + ".fd")
-        sock.send(channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="fuzz", protocol=1)).SerializeToString())
+        sock.send(channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="fuzz", protocol=wire.PROTOCOL)).SerializeToString())
         assert channel_pb2.ChannelMessage.FromString(sock.recv(4096)).WhichOneof("kind") == "welcome"
         if payload:
             sock.send(payload)

@@ -12,14 +12,38 @@ import socket
 import threading
 import time
 
+from vattn.contract import wire
 from vattn.errors import ResourceExhausted, Unauthenticated, VattnError
+from vattn.v1 import vattn_pb2 as pb
 from vattnd.backends.host import HostBackend
-from vattnd.channel.server import Connection
-from vattnd.pool import Geometry, PoolCore
-from vattnd.service import PoolService
+from vattnd.pages import PageTable
+from vattnd.pool import PoolCore
+from vattnd.service import Peer, PoolService, Reply
 
 PAGE = 64 * 1024
 PAGES = 48
+
+
+class SocketOutbox:
+    """The daemon's end of a worker's socket: sends page batches as the channel does."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, message) -> None:
+        pass  # no reclaim requests here: grants never wait (reclaim_wait=0)
+
+    def send_pages(self, grant_seq: int, fds, sent) -> None:
+        try:
+            for data, chunk in wire.page_frames(grant_seq, fds):
+                socket.send_fds(self.sock, [data], chunk)
+        except OSError:
+            pass  # the worker's end is gone
+        finally:
+            sent()
+
+    def deliver(self, reply: Reply) -> None:
+        self.send_pages(reply.seq, reply.fds, reply.sent)
 
 
 def _drain(sock: socket.socket, stop: threading.Event) -> None:
@@ -38,50 +62,54 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
 
 def test_scrubs_and_session_ends_racing_never_double_close_or_leak():
     backend = HostBackend(PAGE)
-    service = PoolService(PoolCore(PAGE, {0: 0}), backend)
+    service = PoolService(PoolCore(PAGE, {0: 0}), PageTable(backend), reclaim_wait=0)
     service.add_pages(0, backend.create_pages(0, PAGES))
-    geometry = Geometry(1, 1, 64, 2, 4, 1024)  # 2 tensors, 256 B a token: 256 tokens a page
+    geometry = pb.Geometry(num_layers=1, num_kv_heads=1, head_dim=64, dtype=pb.DTYPE_FLOAT16, max_batch=4,
+                           max_context=1024)  # 2 tensors, 128 B a token
     stop = threading.Event()
     errors: list[BaseException] = []
-    live: list[Connection] = []
+    live: list = []
     live_lock = threading.Lock()
     drains: list[threading.Thread] = []
 
-    def session(tenant: str) -> tuple[Connection, object, int]:
+    def session(tenant: str):
         daemon_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         daemon_end.settimeout(5)
         t = threading.Thread(target=_drain, args=(worker_end, stop), daemon=True)
         t.start()
         drains.append(t)
-        conn = Connection(daemon_end, os.getpid(), os.getuid(), os.getgid())
-        _, token = service.open_session(conn, "race", tenant)
-        region, _, _ = service.register_region(token, geometry, 0, spare=random.choice([0, 2]))
+        outbox = SocketOutbox(daemon_end)
+        handle = service.open_session(Peer(os.getpid(), os.getuid(), os.getgid()), "race", tenant, outbox)
         with live_lock:
-            live.append(conn)
-        return conn, service.handle_of(conn), region.id
+            live.append(handle)
+        reply = service.register_region(handle, pb.RegisterRegionRequest(
+            geometry=geometry, device=0, spare_pages=random.choice([0, 2])))
+        outbox.deliver(reply)
+        return handle, outbox, daemon_end, reply.message.region_id
 
     def worker(tenant: str, seed: int) -> None:
         rng = random.Random(seed)
         try:
             while not stop.is_set():
                 try:
-                    conn, handle, rid = session(tenant)
+                    handle, outbox, sock, rid = session(tenant)
                 except (ResourceExhausted, Unauthenticated):
                     continue
                 for _ in range(rng.randint(1, 30)):
                     slot = rng.randrange(4)
                     try:
                         if rng.random() < 0.6:
-                            service.grant_to(handle, rid, [(slot, rng.randint(1, 1024))], wait=0)
+                            outbox.deliver(service.grow(handle, pb.GrowRequest(region_id=rid, slot=slot,
+                                                                               tokens=rng.randint(1, 1024))))
                         else:
-                            service.shrink_of(handle, rid, slot, 0)
+                            service.shrink(handle, pb.ShrinkRequest(region_id=rid, slot=slot, tokens=0))
                     except (ResourceExhausted, Unauthenticated):
                         pass
                     except VattnError as exc:  # the session ended under us: NotFound etc.
                         if "session" not in str(exc):
                             raise
-                service.close_session(conn)
-                conn.close()
+                service.close_session(handle)
+                sock.close()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -106,16 +134,17 @@ def test_scrubs_and_session_ends_racing_never_double_close_or_leak():
     stop.set()
     for t in threads:
         t.join(30)
-    for conn in live:
-        service.close_session(conn)
+    for handle in live:
+        service.close_session(handle)
     assert not errors, errors
-    assert service.pages_scrubbed > 0, "the test never moved a page across tenants"
-    # Every page has one fd, open, distinct, and the backend's; nothing retired is left over.
-    assert service._retired == [] and service._sending == set()
-    assert len(set(service.fds)) == PAGES
-    for fd in service.fds:
+    assert service.pages.replaced > 0, "the test never moved a page across tenants"
+    # Every page has one fd, open, distinct, and the backend's; nothing replaced is left open.
+    assert service.pages.in_flight() == (0, 0)
+    fds = service.pages.fds
+    assert len(set(fds)) == PAGES
+    for fd in fds:
         os.fstat(fd)
-    assert set(service.fds) == backend._fds
-    owned, snapshot = service.audit()
-    assert owned == 0 and snapshot.devices[0].pages_free == PAGES
+    assert set(fds) == backend._fds
+    audit = service.audit().message
+    assert audit.pages_owned == 0 and audit.pages_free == PAGES
     backend.close()

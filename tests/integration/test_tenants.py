@@ -14,6 +14,7 @@ import pytest
 import vattn
 from tests.conftest import start_daemon
 from vattn.session import set_quota, stats
+from vattn.contract import wire
 from vattn.v1 import channel_pb2
 
 NOBODY = 65534  # uid and gid of nobody / nogroup on Debian
@@ -122,7 +123,7 @@ def open_session(path: str, tenant: str) -> str:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
     sock.connect(path)
-    hello = channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="nobody", protocol=1, tenant=tenant))
+    hello = channel_pb2.ChannelMessage(hello=channel_pb2.Hello(name="nobody", protocol=wire.PROTOCOL, tenant=tenant))
     sock.send(hello.SerializeToString())
     reply = channel_pb2.ChannelMessage.FromString(sock.recv(4096))
     time.sleep(0.5)  # hold the session while the parent looks

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -17,7 +18,7 @@ from vattn.errors import (
     Unauthenticated,
     VattnError,
 )
-from vattnd.pool import Geometry, PoolCore
+from vattnd.pool import Geometry, PoolCore, Shortage
 
 PAGE = 4096
 
@@ -34,25 +35,37 @@ def fresh(pages=64, devices=(0,)):
 
 def state(core: PoolCore):
     """Everything observable, for 'a failed call changes nothing' checks."""
-    regions = {r.id: (list(r.spare), set(r.idle), [list(v) for v in r.slots])
+    regions = {r.id: (list(r.spare), set(r.idle), {slot: list(v) for slot, v in r.slots.items()})
                for r in core._regions.values()}
-    return (copy.deepcopy(core._free), core.owners(), core.snapshot(), regions)
+    return (copy.deepcopy(core._free), core.owners(), core.snapshot(), regions, list(core._holder))
+
+
+def short(result) -> ResourceExhausted:
+    """A step that could not be granted returns its Shortage; this is the error the caller gets."""
+    assert isinstance(result, Shortage), result
+    return result.error()
+
+
+def register(core: PoolCore, *args, **kwargs):
+    """The region alone (register_region also returns the grant of its first spares)."""
+    return core.register_region(*args, **kwargs)[0]
 
 
 def test_layout_of_a_region():
     core, sid = fresh()
-    region = core.register_region(sid, geo(layers=3, heads=2, dim=64, size=2, batch=5, context=100), 0)
-    assert region.num_tensors == 6
-    assert region.token_bytes == 256
+    region = register(core, sid, geo(layers=3, heads=2, dim=64, size=2, batch=5, context=100), 0)
+    layout = region.layout  # the contract's arithmetic (vattn.contract.layout), shared with the client
+    assert region.num_tensors == layout.num_tensors == 6
+    assert layout.token_bytes == 256
     # 100 tokens x 256 B = 25600 B -> 7 pages of 4 KiB per slot
-    assert region.pages_per_slot == 7
-    assert region.slot_stride == 7 * PAGE
-    assert region.tensor_bytes == 5 * 7 * PAGE
+    assert layout.pages_per_slot == 7
+    assert layout.slot_stride == 7 * PAGE
+    assert layout.tensor_bytes == 5 * 7 * PAGE
 
 
 def test_grow_grants_tensor_interleaved_pages_and_is_idempotent():
     core, sid = fresh()
-    region = core.register_region(sid, geo(), 0)  # 4 tensors, 256 B per token
+    region = register(core, sid, geo(), 0)  # 4 tensors, 256 B per token
     grant = core.grow(sid, region.id, 1, 20)  # 5120 B -> 2 pages per tensor
     assert [(g.slot, g.first_page, g.count) for g in grant.grants] == [(1, 0, 2)]
     assert len(grant.page_ids) == 8 and len(set(grant.page_ids)) == 8
@@ -67,10 +80,11 @@ def test_grow_grants_tensor_interleaved_pages_and_is_idempotent():
 
 def test_step_is_all_or_nothing():
     core, sid = fresh(pages=16)
-    region = core.register_region(sid, geo(), 0)
+    region = register(core, sid, geo(), 0)
     before = state(core)
-    with pytest.raises(ResourceExhausted, match=r"needs 20 pages .* 16 of 16 are free"):
-        core.step(sid, region.id, [(0, 32), (1, 16), (2, 32)])  # 2 + 1 + 2 pages x 4 tensors
+    shortage = core.step(sid, region.id, [(0, 32), (1, 16), (2, 32)])  # 2 + 1 + 2 pages x 4 tensors
+    assert re.search(r"needs 20 pages .* 16 of 16 are free", str(short(shortage)))
+    assert (shortage.wanted, shortage.free, shortage.shortfall, shortage.reclaim) == (20, 16, 4, ())
     assert state(core) == before
     with pytest.raises(OutOfRange):
         core.step(sid, region.id, [(0, 16), (9, 16)])
@@ -88,12 +102,11 @@ def test_step_is_all_or_nothing():
 
 def test_a_refused_or_reverted_step_leaves_parked_slots_parked():
     core, sid = fresh(pages=24)
-    region = core.register_region(sid, geo(), 0, spare_target=4)  # 4 tensors
+    region = register(core, sid, geo(), 0, spare_target=4)  # 4 tensors
     core.grow(sid, region.id, 0, 16)
     assert core.park(sid, region.id, 0) == 4
     before = state(core)
-    with pytest.raises(ResourceExhausted):
-        core.step(sid, region.id, [(0, 32), (1, 256)])  # slot 0 would serve again, but the step fails
+    short(core.step(sid, region.id, [(0, 32), (1, 256)]))  # slot 0 would serve again, but the step fails
     assert state(core) == before and region.idle == {0}
     grant = core.step(sid, region.id, [(0, 48), (1, 16)])
     assert grant.reactivated == (0,) and region.idle == set()
@@ -106,7 +119,7 @@ def test_a_refused_or_reverted_step_leaves_parked_slots_parked():
 
 def test_shrink_and_free_return_pages():
     core, sid = fresh()
-    region = core.register_region(sid, geo(), 0)
+    region = register(core, sid, geo(), 0)
     core.grow(sid, region.id, 0, 64)  # 4 pages per tensor
     keep, released = core.shrink(sid, region.id, 0, 17)  # 2 pages
     assert keep == 2 and len(released) == 8
@@ -120,7 +133,7 @@ def test_shrink_and_free_return_pages():
 def test_errors_name_the_problem_and_change_nothing():
     core, sid = fresh()
     other = core.open_session(pid=200, uid=0, gid=0, name="x", now=0.0).id
-    region = core.register_region(sid, geo(), 0)
+    region = register(core, sid, geo(), 0)
     core.grow(sid, region.id, 0, 10)
     before = state(core)
     cases = [
@@ -131,12 +144,12 @@ def test_errors_name_the_problem_and_change_nothing():
         (lambda: core.grow(sid, region.id, -1, 10), OutOfRange, "slot -1"),
         (lambda: core.shrink(other, region.id, 0, 0), PermissionDenied, "another session"),
         (lambda: core.release_region(other, region.id), PermissionDenied, "another session"),
-        (lambda: core.register_region(sid, geo(layers=0), 0), InvalidArgument, "num_layers"),
-        (lambda: core.register_region(sid, geo(size=3), 0), InvalidArgument, "dtype"),
-        (lambda: core.register_region(sid, geo(batch=0), 0), InvalidArgument, "max_batch"),
-        (lambda: core.register_region(sid, geo(context=1 << 25), 0), InvalidArgument, "max_context"),
-        (lambda: core.register_region(sid, geo(), 7), InvalidArgument, "device 7"),
-        (lambda: core.register_region(sid, geo(layers=4096, heads=4096, dim=4096, size=4, batch=65536,
+        (lambda: register(core, sid, geo(layers=0), 0), InvalidArgument, "num_layers"),
+        (lambda: register(core, sid, geo(size=3), 0), InvalidArgument, "dtype"),
+        (lambda: register(core, sid, geo(batch=0), 0), InvalidArgument, "max_batch"),
+        (lambda: register(core, sid, geo(context=1 << 25), 0), InvalidArgument, "max_context"),
+        (lambda: register(core, sid, geo(), 7), InvalidArgument, "device 7"),
+        (lambda: register(core, sid, geo(layers=4096, heads=4096, dim=4096, size=4, batch=65536,
                                                context=1 << 24), 0), InvalidArgument, "virtual memory"),
     ]
     for call, exc, text in cases:
@@ -147,8 +160,8 @@ def test_errors_name_the_problem_and_change_nothing():
 
 def test_close_session_returns_everything():
     core, sid = fresh(pages=32, devices=(0, 1))
-    r0 = core.register_region(sid, geo(), 0)
-    r1 = core.register_region(sid, geo(), 1)
+    r0 = register(core, sid, geo(), 0)
+    r1 = register(core, sid, geo(), 1)
     core.grow(sid, r0.id, 0, 100)
     core.grow(sid, r1.id, 2, 40)
     assert core.session(sid).pages == 4 * 7 + 4 * 3
@@ -168,17 +181,16 @@ def test_pages_of_a_device_stay_on_it_and_bring_up_adds_pages_live():
     core.add_pages(1, 4)
     core.add_pages(0, 4)  # a later chunk, ids interleaved with device 1's
     sid = core.open_session(1, 0, 0, "w", 0.0).id
-    region = core.register_region(sid, geo(layers=1), 0)  # 2 tensors
+    region = register(core, sid, geo(layers=1), 0)  # 2 tensors
     grant = core.grow(sid, region.id, 0, 64)  # 4 pages x 2 tensors = all 8 of device 0
     assert sorted(grant.page_ids) == [0, 1, 2, 3, 8, 9, 10, 11]
-    with pytest.raises(ResourceExhausted):
-        core.grow(sid, region.id, 1, 1)
+    short(core.grow(sid, region.id, 1, 1))
     core.check_invariants()
 
 
 def test_spares_are_taken_first_and_topped_up():
     core, sid = fresh(pages=20)
-    region = core.register_region(sid, geo(), 0, spare_target=6)  # 4 tensors
+    region = register(core, sid, geo(), 0, spare_target=6)  # 4 tensors
     assert len(region.spare) == 6 and core.free_pages(0) == 14 and core.session(sid).pages == 6
     spares = list(region.spare)
     grant = core.grow(sid, region.id, 0, 16)  # 1 page x 4 tensors: all from spares
@@ -191,11 +203,10 @@ def test_spares_are_taken_first_and_topped_up():
     assert grant.fd_pages == grant.fresh + grant.spare_added
     assert core.free_pages(0) == 0 and region.spare == list(grant.spare_added)
     core.check_invariants()
-    with pytest.raises(ResourceExhausted, match=r"and \d+ spare in this region"):
-        core.grow(sid, region.id, 2, 256)
+    assert re.search(r"and \d+ spare in this region", str(short(core.grow(sid, region.id, 2, 256))))
     assert len(core.release_region(sid, region.id)) == 20 and core.free_pages(0) == 20
     with pytest.raises(InvalidArgument, match="spare_pages"):
-        core.register_region(sid, geo(), 0, spare_target=-1)
+        register(core, sid, geo(), 0, spare_target=-1)
 
 
 # ----- model-based: random operations against a simple reference model -----
@@ -270,10 +281,11 @@ class PoolMachine(RuleBasedStateMachine):
     def register(self, data, layers, heads, device, batch, context, spare):
         sid = data.draw(st.sampled_from(self.sessions))
         g = Geometry(layers, heads, 32, 2, batch, context)
-        region = self.core.register_region(sid, g, device, spare_target=spare)
+        region, spares = self.core.register_region(sid, g, device, spare_target=spare)
         self.regions[region.id] = (sid, device, g)
         self.spares[region.id] = [0, spare]
         self._top_up(region.id)
+        assert list(spares.spare_added) == region.spare and len(region.spare) == self.spares[region.id][0]
 
     @precondition(lambda self: self.regions)
     @rule(data=st.data(), foreign=st.booleans(), revert=st.booleans())
@@ -314,6 +326,10 @@ class PoolMachine(RuleBasedStateMachine):
                 fresh = want - min(want, self.spares[rid][0])
                 if self._tenant_held(tenant) + fresh > self.quota[tenant]:
                     expected = ResourceExhausted
+        if expected is ResourceExhausted:
+            short(self.core.step(sid, rid, entries))
+            assert state(self.core) == before
+            return
         if expected is not None:
             with pytest.raises(expected):
                 self.core.step(sid, rid, entries)
@@ -409,14 +425,16 @@ def test_tenant_quotas_bound_grants_and_spares():
     a2 = core.open_session(2, 0, 0, "a2", 0.0, tenant="a").id
     b = core.open_session(3, 0, 0, "b", 0.0, tenant="b").id
     core.set_quota("a", 20, priority=1)
-    ra = core.register_region(a, geo(), 0, spare_target=8)  # 4 tensors
-    ra2 = core.register_region(a2, geo(), 0)
-    rb = core.register_region(b, geo(), 0)
+    ra = register(core, a, geo(), 0, spare_target=8)  # 4 tensors
+    ra2 = register(core, a2, geo(), 0)
+    rb = register(core, b, geo(), 0)
     core.grow(a, ra.id, 0, 16 * 2)  # 2 pages x 4 = 8, all from spares; top-up refills 8: a holds 16
     assert [t.pages for t in core.tenants() if t.name == "a"] == [16]
     before = (core.owners(), core.free_pages(0))
-    with pytest.raises(ResourceExhausted, match=r"tenant 'a' is at its quota: this call needs 8 more pages .* holds 16 of its 20"):
-        core.grow(a2, ra2.id, 0, 32)  # the other session of the same tenant shares the quota
+    shortage = core.grow(a2, ra2.id, 0, 32)  # the other session of the same tenant shares the quota
+    assert shortage.over_quota and shortage.reclaim == ()
+    assert re.search(r"tenant 'a' is at its quota: this call needs 8 more pages .* holds 16 of its 20",
+                     str(short(shortage)))
     assert (core.owners(), core.free_pages(0)) == before
     core.grow(b, rb.id, 0, 32 * 4)  # tenant b has no quota
     core.set_quota("a", None)
@@ -429,12 +447,43 @@ def test_tenant_quotas_bound_grants_and_spares():
         core.set_quota("a", -1)
 
 
-def test_claim_names_pages_another_tenant_held_last_and_unclaim_undoes_it():
-    core, _ = fresh(pages=8)
-    assert core.claim([0, 1, 2], "a") == []  # never held: nothing to scrub
-    assert core.claim([1, 2, 3], "".join(["a"])) == []  # the same tenant (an equal, distinct string)
-    foreign = core.claim([2, 3, 4], "b")
-    assert foreign == [(2, "a"), (3, "a")]
-    core.unclaim(foreign)  # scrubbing failed: a later claim must scrub them again
-    assert core.claim([2, 3, 4], "b") == [(2, "a"), (3, "a")]
-    assert core.claim([4], "b") == []
+def test_pages_another_tenant_held_last_must_be_replaced_and_revert_forgets_it():
+    core = PoolCore(PAGE, {0: 8})
+    a = core.open_session(1, 0, 0, "a", 0.0, tenant="a").id
+    a2 = core.open_session(2, 0, 0, "a2", 0.0, tenant="".join(["a"])).id  # an equal, distinct string
+    b = core.open_session(3, 0, 0, "b", 0.0, tenant="b").id
+    ra, ra2, rb = (register(core, sid, geo(layers=1), 0) for sid in (a, a2, b))  # 2 tensors
+    first = core.grow(a, ra.id, 0, 16)
+    assert first.replace == ()  # never held: nothing to replace
+    core.shrink(a, ra.id, 0, 0)
+    assert core.grow(a2, ra2.id, 0, 16).replace == ()  # the same tenant again
+    core.shrink(a2, ra2.id, 0, 0)
+    before = state(core)
+    grant = core.grow(b, rb.id, 0, 16)
+    assert set(grant.replace) == set(first.page_ids) and grant.fd_pages == grant.fresh
+    core.revert(b, rb.id, grant)  # replacing failed: a later grant must replace them again
+    assert state(core) == before
+    assert core.grow(b, rb.id, 0, 16).replace == grant.replace
+    core.shrink(b, rb.id, 0, 0)
+    assert core.grow(b, rb.id, 1, 16).replace == ()  # b's own now
+
+
+def test_a_short_pool_names_whom_to_ask_for_idle_pages():
+    core = PoolCore(PAGE, {0: 24})
+    low = core.open_session(1, 0, 0, "low", 0.0, tenant="low").id
+    high = core.open_session(2, 0, 0, "high", 0.0, tenant="high").id
+    asker = core.open_session(3, 0, 0, "asker", 0.0).id
+    core.set_quota("low", None, priority=-1)
+    rl, rh, ra = (register(core, sid, geo(layers=1, context=1024), 0) for sid in (low, high, asker))  # 2 tensors
+    core.grow(high, rh.id, 0, 16 * 4)  # 8 pages
+    core.grow(high, rh.id, 1, 16 * 2)  # 4 pages
+    core.grow(low, rl.id, 0, 16 * 2)  # 4 pages
+    core.park(high, rh.id, 0)
+    core.park(high, rh.id, 1)
+    core.park(low, rl.id, 0)
+    assert core.idle_by_session(0) == {high: 12, low: 4}
+    shortage = core.grow(asker, ra.id, 0, 16 * 6)  # 12 pages, 8 free
+    assert shortage.shortfall == 4 and shortage.reclaim == ((low, 4),)  # the lower priority first
+    shortage = core.grow(asker, ra.id, 0, 16 * 10)  # 20 pages: 12 missing
+    assert shortage.reclaim == ((low, 4), (high, 8))
+    assert core.grow(high, rh.id, 2, 16 * 20).reclaim == ((low, 4),)  # never one's own idle pages

@@ -1,11 +1,9 @@
-"""The small protocol every page backend implements, and the factory."""
+"""The small protocol every page backend implements, and the types it speaks in."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-log = logging.getLogger(__name__)
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here (no GPU, no driver, bad page size)."""
@@ -47,22 +45,3 @@ class PageBackend(Protocol):
         """
 
     def close(self) -> None: ...
-
-
-def open_backend(kind: str, page_size: int, devices: Sequence[int] | None = None) -> PageBackend:
-    """Opens the named backend; ``auto`` is cuda where a GPU is usable, else host."""
-    from vattnd.backends.host import HostBackend
-
-    if kind == "host":
-        return HostBackend(page_size)
-    if kind in ("cuda", "auto"):
-        from vattnd.backends.cuda import CudaBackend
-
-        try:
-            return CudaBackend(page_size, devices)
-        except BackendUnavailable as exc:
-            if kind == "cuda":
-                raise
-            log.warning("no usable GPU (%s): serving host memory instead", exc)
-            return HostBackend(page_size)
-    raise BackendUnavailable(f"unknown backend {kind!r}: use auto, host or cuda")

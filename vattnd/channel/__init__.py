@@ -1,4 +1,4 @@
-"""The Unix-socket fd channel (one connection = one session)."""
-from vattnd.channel.server import ChannelBroken, ChannelServer, Connection
+"""The Unix-socket fd channel: one connection = one session; calls, replies and page fds."""
+from vattnd.channel.server import ChannelServer, Connection
 
-__all__ = ["ChannelBroken", "ChannelServer", "Connection"]
+__all__ = ["ChannelServer", "Connection"]

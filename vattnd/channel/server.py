@@ -4,107 +4,189 @@ A connection opens a session (after a Hello, with the peer's SO_PEERCRED
 identity) and closing it ends the session: the connection is the lease, so a
 killed worker's pages come back as soon as the kernel closes its socket.
 
-One thread runs a selector over the listening socket and every connection;
-RPC threads send page fds with :meth:`Connection.send_pages`.
+One thread runs a selector over the listening socket and every connection.
+It reads a session's Calls, runs them through the call table
+(:mod:`vattnd.calls`) and answers each with one CallResult datagram that
+carries the grant's page fds (continuation PageBatches behind it for more
+than 253). Nothing ever blocks on a worker: every send is non-blocking, and
+what a socket does not take at once waits in that connection's queue, which
+the selector flushes as the worker reads. So one worker that stops reading
+stalls only itself; when its queue makes no progress for ``send_stall_s``
+seconds, or grows past ``max_queued`` datagrams, its session is ended and its
+pages returned. A session's next Call is read only once the previous one is
+answered and its reply is on its way, which bounds what a worker can have in
+flight to one call.
+
+Other bounds: a connection that sends no Hello within ``hello_timeout_s`` is
+closed; a Unix user may hold ``max_per_uid`` connections; at the process's
+open-file limit new connections are refused with a reason (a reserve fd
+makes room to say it) and accepting pauses for a second instead of spinning,
+while existing sessions go on.
 """
 from __future__ import annotations
 
+import collections
+import errno
 import logging
 import os
 import selectors
 import socket
 import struct
 import threading
+import time
 from typing import Callable, Sequence
 
-from vattn.v1 import channel_pb2
+from vattn.contract import wire
+from vattn.contract.errors import InvalidArgument, VattnError
+from vattn.v1 import channel_pb2 as cpb
+from vattnd.calls import ON_CHANNEL, Dispatcher, Outcome
+from vattnd.service import Peer, PoolService, SessionHandle, printable
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
-# The kernel's SCM_MAX_FD: at most this many fds per datagram.
-MAX_FDS_PER_MESSAGE = 253
-MAX_DATAGRAM = 4096
-# A Step of many slots can be large; anything bigger is refused.
-MAX_CALL_DATAGRAM = 1 << 20
-SEND_TIMEOUT_S = 5.0
-
 _UCRED = struct.Struct("3i")
+HELLO_TIMEOUT_S = 5.0
+SEND_STALL_S = 5.0
+MAX_QUEUED = 8192
+MAX_PER_UID = 512
+ACCEPT_BACKOFF_S = 1.0
+_CALL_KINDS = ", ".join(sorted(ON_CHANNEL))
 
 
-class ChannelBroken(ConnectionError):
-    """Sending on a session's channel failed: the session must end."""
+def _nothing() -> None:
+    pass
 
 
 class Connection:
-    """One worker's channel socket."""
+    """One worker's channel socket, and the session's outbox (see :class:`vattnd.service.Outbox`).
 
-    __slots__ = ("sock", "pid", "uid", "gid", "session_id", "send_lock", "_closed")
+    Any thread may queue messages; only the selector thread reads, flushes
+    a blocked queue and closes the socket.
+    """
 
-    def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int):
+    __slots__ = ("sock", "peer", "session", "opened_at", "busy", "ending", "misbehaved", "events", "_server", "_lock",
+                 "_queue", "_queued", "_progress_at", "_closed")
+
+    def __init__(self, sock: socket.socket, peer: Peer, server: "ChannelServer"):
         self.sock = sock
-        self.pid, self.uid, self.gid = pid, uid, gid
-        self.session_id = 0
-        # Held by the servicer around "allocate, then send", so the fd batches
-        # of one session go out in grant order.
-        self.send_lock = threading.Lock()
+        self.peer = peer
+        self.session: SessionHandle | None = None
+        self.opened_at = time.monotonic()
+        self.busy = False  # a call of this session is waiting for reclaimed pages
+        self.ending: str | None = None  # why the selector must end this session
+        self.misbehaved = True  # whether that is the worker's fault (logged as a warning)
+        self.events = 0  # what the selector watches now
+        self._server = server
+        self._lock = threading.Lock()
+        # Datagrams the socket did not take yet: [frames, next index, sent callback].
+        self._queue: collections.deque[list] = collections.deque()
+        self._queued = 0
+        self._progress_at = 0.0
         self._closed = False
 
-    def send_message(self, msg: channel_pb2.ChannelMessage, fds: Sequence[int] = ()) -> None:
-        try:
-            if fds:
-                socket.send_fds(self.sock, [msg.SerializeToString()], fds)
+    # ----- the Outbox -------------------------------------------------------
+    def send(self, message: cpb.ChannelMessage) -> None:
+        self.post([(wire.encode(message), ())])
+
+    def send_pages(self, grant_seq: int, fds: Sequence[int], sent: Callable[[], None]) -> None:
+        self.post(wire.page_frames(grant_seq, fds), sent)
+
+    def post(self, frames: list[wire.Frame], sent: Callable[[], None] = _nothing) -> None:
+        """Sends ``frames`` in order, now or from the queue; calls ``sent`` when done or dropped."""
+        with self._lock:
+            if self._closed:
+                done = True
+            elif self._queue:
+                done = False
+                self._queue.append([frames, 0, sent])
+                self._queued += len(frames)
             else:
-                self.sock.send(msg.SerializeToString())
-        except OSError as exc:
-            raise ChannelBroken(f"fd channel of session {self.session_id} broke: {exc}") from exc
+                reached = self._write(frames, 0)
+                done = reached == len(frames)
+                if not done:
+                    self._queue.append([frames, reached, sent])
+                    self._queued += len(frames) - reached
+                    self._progress_at = time.monotonic()
+            overflow = self._queued > MAX_QUEUED
+        if done:
+            sent()
+        elif overflow:
+            self._server.end(self, f"it left more than {MAX_QUEUED} messages unread")
+        else:
+            self._server.watch(self)
 
-    def send_pages(self, grant_seq: int, fds: Sequence[int]) -> None:
-        """Sends ``fds`` in batches of at most 253, tagged with ``grant_seq``."""
-        for offset in range(0, len(fds), MAX_FDS_PER_MESSAGE):
-            chunk = fds[offset : offset + MAX_FDS_PER_MESSAGE]
-            msg = channel_pb2.ChannelMessage(
-                pages=channel_pb2.PageBatch(grant_seq=grant_seq, offset=offset, count=len(chunk))
-            )
-            self.send_message(msg, chunk)
+    def _write(self, frames: list[wire.Frame], start: int) -> int:
+        """Writes frames from ``start`` until the socket is full (self._lock held); returns where it stopped."""
+        sock = self.sock
+        for i in range(start, len(frames)):
+            data, fds = frames[i]
+            try:
+                if fds:
+                    socket.send_fds(sock, [data], fds)
+                else:
+                    sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return i
+            except OSError as exc:  # the worker is gone: what is left is dropped
+                self._closed = True
+                self._server.end(self, f"its socket broke ({exc.strerror or exc})", misbehaved=False)
+                return len(frames)
+        return len(frames)
 
-    def shutdown(self) -> None:
-        """Ends the connection from any thread: the channel thread sees EOF and cleans up.
+    def flush(self) -> None:
+        """Sends what the queue holds, as far as the socket takes it (selector thread)."""
+        done = []
+        with self._lock:
+            queue = self._queue
+            while queue and not self._closed:
+                item = queue[0]
+                frames, start, sent = item
+                reached = self._write(frames, start)
+                if reached > start:
+                    self._progress_at = time.monotonic()
+                    self._queued -= reached - start
+                if reached < len(frames) and not self._closed:
+                    item[1] = reached
+                    break
+                queue.popleft()
+                done.append(sent)
+        for sent in done:
+            sent()
 
-        (Closing the socket here instead would leave its fd registered in the
-        selector, and the next connection given the same fd number could not be.)
-        """
+    @property
+    def queued(self) -> bool:
+        return bool(self._queue)
+
+    def stalled_for(self, now: float) -> float:
+        return now - self._progress_at if self._queue else 0.0
+
+    def close(self) -> None:
+        """Closes the socket and drops what was queued (selector thread only)."""
+        with self._lock:
+            self._closed = True
+            dropped = [item[2] for item in self._queue]
+            self._queue.clear()
+            self._queued = 0
+        for sent in dropped:
+            sent()
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
         except OSError:
             pass
 
-    def close(self) -> None:
-        """Closes the socket; only the channel thread calls this."""
-        if not self._closed:
-            self._closed = True
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-
-
-# open_session(conn, name, tenant) -> (session_id, token); raises ValueError to refuse.
-OpenSession = Callable[[Connection, str, str], tuple[int, str]]
-CloseSession = Callable[[Connection], None]
-# on_call(conn, call): answers a fast-path Call on the connection.
-OnCall = Callable[[Connection, "channel_pb2.Call"], None]
-
 
 class ChannelServer:
-    """Accepts channel connections and reports sessions opening and closing."""
+    """Accepts channel connections, opens and ends their sessions, and serves their Calls."""
 
-    def __init__(self, path: str, open_session: OpenSession, close_session: CloseSession,
-                 on_call: OnCall | None = None, mode: int = 0o660):
+    def __init__(self, path: str, service: PoolService, dispatcher: Dispatcher, mode: int = 0o660,
+                 hello_timeout_s: float = HELLO_TIMEOUT_S, send_stall_s: float = SEND_STALL_S,
+                 max_per_uid: int = MAX_PER_UID):
         self.path = path
-        self._open_session = open_session
-        self._close_session = close_session
-        self._on_call = on_call
+        self.service = service
+        self.dispatcher = dispatcher
+        self.hello_timeout_s = hello_timeout_s
+        self.send_stall_s = send_stall_s
+        self.max_per_uid = max_per_uid
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._listener.bind(path)
         os.chmod(path, mode)
@@ -112,10 +194,19 @@ class ChannelServer:
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        # A spare fd, closed to make room to refuse a connection at the open-file limit.
+        self._reserve: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._conns: set[Connection] = set()
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+        self._dirty: set[Connection] = set()
+        self._accept_paused_until = 0.0
+        self._refused_at_limit = 0
         self._stopping = False
-        self._buf = bytearray(MAX_CALL_DATAGRAM)  # one receive buffer: one thread reads
+        self._buf = bytearray(wire.MAX_CALL_BYTES)  # one receive buffer: one thread reads
+        self._next_sweep = 0.0
         self._thread = threading.Thread(target=self._run, name="vattnd-channel", daemon=True)
 
     def start(self) -> None:
@@ -125,118 +216,274 @@ class ChannelServer:
         self._stopping = True
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.data, Connection):
-                key.data.close()
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
         self._selector.close()
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._reserve is not None:
+            os.close(self._reserve)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
-    # ----- the selector loop ----------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, _ in self._selector.select():
-                if key.data == "wake":
-                    return
-                try:
-                    if key.data is None:
-                        self._accept()
-                    elif isinstance(key.data, Connection):
-                        self._readable(key.data)
-                    else:  # a new socket waiting for its Hello
-                        self._hello(key.fileobj)
-                except Exception:  # noqa: BLE001 - one connection's trouble must not stop the channel
-                    log.exception("fd channel: error on a connection; dropping it")
-                    self._drop(key)
+    # ----- requests from other threads -------------------------------------
+    def watch(self, conn: Connection) -> None:
+        """Asks the selector thread to look at ``conn`` again (queued output, a call answered, an end)."""
+        with self._lock:
+            self._dirty.add(conn)
+        self._wake()
 
-    def _drop(self, key) -> None:
-        if key.fileobj is self._listener:
+    def end(self, conn: Connection, reason: str, misbehaved: bool = True) -> None:
+        """Ends ``conn``'s session at the selector thread's next turn, logging ``reason`` once."""
+        if conn.ending is None:
+            conn.ending, conn.misbehaved = reason, misbehaved
+        self.watch(conn)
+
+    def _wake(self) -> None:
+        if self._stopping:
             return
         try:
-            self._selector.unregister(key.fileobj)
-        except (KeyError, ValueError):
-            pass
-        if isinstance(key.data, Connection):
-            self._close_session(key.data)
-            key.data.close()
-        else:
-            try:
-                key.fileobj.close()
-            except OSError:
-                pass
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is already pending
 
+    # ----- the selector loop ------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                events = self._selector.select(self._timeout())
+            except OSError:
+                if self._stopping:
+                    return
+                raise
+            for key, mask in events:
+                data = key.data
+                try:
+                    if data == "wake":
+                        while True:
+                            try:
+                                if not os.read(self._wake_r, 4096):
+                                    break
+                            except BlockingIOError:
+                                break
+                    elif data is None:
+                        self._accept()
+                    elif isinstance(data, Connection):
+                        if mask & selectors.EVENT_WRITE:
+                            data.flush()
+                        if mask & selectors.EVENT_READ and data.ending is None:
+                            if data.session is None:
+                                self._hello(data)
+                            else:
+                                self._readable(data)
+                        self._update(data)
+                except Exception:  # noqa: BLE001 - one connection's trouble must not stop the channel
+                    log.exception("fd channel: error on a connection; dropping it")
+                    if isinstance(data, Connection):
+                        self._close(data)
+            if self._stopping:
+                return
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+            for conn in dirty:
+                self._update(conn)
+            self._sweep()
+
+    def _timeout(self) -> float:
+        return 0.5 if (self._conns or self._accept_paused_until) else 5.0
+
+    def _update(self, conn: Connection) -> None:
+        """Sets what the selector watches on ``conn``, or ends it."""
+        if conn not in self._conns:
+            return
+        if conn.ending is not None:
+            log.log(logging.WARNING if conn.misbehaved else logging.INFO, "fd channel: ending session %s of pid %d: %s",
+                    conn.session.id if conn.session else "(none yet)", conn.peer.pid, conn.ending)
+            self._close(conn)
+            return
+        events = 0
+        if conn.queued:
+            events |= selectors.EVENT_WRITE
+        elif not conn.busy:
+            events |= selectors.EVENT_READ
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _sweep(self) -> None:
+        """Hello timeouts, stalled readers, the end of an accept pause (four times a second)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.25
+        for conn in list(self._conns):
+            if conn.session is None and now - conn.opened_at > self.hello_timeout_s:
+                conn.ending = f"no Hello within {self.hello_timeout_s:g} s"
+                self._close(conn)
+            elif conn.stalled_for(now) > self.send_stall_s:
+                conn.ending = f"it did not read its replies for {self.send_stall_s:g} s"
+                self._update(conn)
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            if self._refused_at_limit:
+                log.warning("fd channel: refused %d connections at the open-file limit in the last %g s",
+                            self._refused_at_limit, ACCEPT_BACKOFF_S)
+                self._refused_at_limit = 0
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+
+    def _close(self, conn: Connection) -> None:
+        """Ends a connection, and its session if it has one (selector thread)."""
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self._per_uid[conn.peer.uid] -= 1
+            if self._per_uid[conn.peer.uid] <= 0:
+                del self._per_uid[conn.peer.uid]
+            if conn.events:
+                self._selector.unregister(conn.sock)
+                conn.events = 0
+            if conn.session is not None:
+                self.service.close_session(conn.session)
+        conn.close()
+
+    # ----- accepting --------------------------------------------------------
     def _accept(self) -> None:
         try:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        sock.settimeout(SEND_TIMEOUT_S)
-        self._selector.register(sock, selectors.EVENT_READ, "hello")
-
-    def _hello(self, sock: socket.socket) -> None:
-        self._selector.unregister(sock)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_at_limit()
+            return
+        sock.setblocking(False)
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        conn = Connection(sock, pid, uid, gid)
-        try:
-            data = sock.recv(MAX_DATAGRAM)
-            if not data:
-                conn.close()
-                return
-            msg = channel_pb2.ChannelMessage.FromString(data)
-            if msg.WhichOneof("kind") != "hello":
-                raise ValueError("the first message on the channel must be a Hello")
-            if msg.hello.protocol != PROTOCOL:
-                raise ValueError(
-                    f"channel protocol {msg.hello.protocol} is not supported; this daemon speaks "
-                    f"{PROTOCOL}: upgrade the vattn client to the daemon's version"
-                )
-            session_id, token = self._open_session(conn, msg.hello.name, msg.hello.tenant)
-        except Exception as exc:  # noqa: BLE001 - a bad peer must not stop the loop
-            log.info("channel: refused pid %d: %s", pid, exc)
-            try:
-                conn.send_message(channel_pb2.ChannelMessage(refused=channel_pb2.Refused(reason=str(exc))))
-            except ChannelBroken:
-                pass
-            conn.close()
+        conn = Connection(sock, Peer(pid, uid, gid), self)
+        if self._per_uid[uid] >= self.max_per_uid:
+            self._refuse(conn, f"uid {uid} already has {self._per_uid[uid]} connections to vattnd (the limit "
+                               f"is {self.max_per_uid}); close some, or ask the operator")
             return
-        conn.session_id = session_id
-        try:
-            conn.send_message(
-                channel_pb2.ChannelMessage(
-                    welcome=channel_pb2.Welcome(session_id=session_id, session_token=token)
-                )
-            )
-        except ChannelBroken:
-            self._close_session(conn)
-            conn.close()
-            return
-        self._selector.register(sock, selectors.EVENT_READ, conn)
+        self._conns.add(conn)
+        self._per_uid[uid] += 1
+        self._update(conn)
 
+    def _refuse_at_limit(self) -> None:
+        """At the open-file limit: refuse one waiting connection with a reason, then pause accepting."""
+        self._refused_at_limit += 1
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                sock = None
+            if sock is not None:
+                sock.setblocking(False)
+                self._refuse(Connection(sock, Peer(0, 0, 0), self),
+                             "vattnd is at its open-file limit: it serves the sessions it has and refuses new "
+                             "ones; retry later, or ask the operator to raise LimitNOFILE")
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve = None
+        if not self._accept_paused_until:
+            if self._refused_at_limit == 1:
+                log.warning("fd channel: at the open-file limit; refusing new connections, serving existing ones")
+            self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
+            self._selector.unregister(self._listener)
+
+    def _refuse(self, conn: Connection, reason: str) -> None:
+        conn.send(cpb.ChannelMessage(refused=cpb.Refused(reason=reason)))
+        self._close(conn)
+
+    def _hello(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(wire.MAX_CALL_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        try:
+            msg = wire.decode(data)
+            if msg.WhichOneof("kind") != "hello":
+                raise InvalidArgument("the first message on the channel must be a Hello")
+            if msg.hello.protocol != wire.PROTOCOL:
+                raise InvalidArgument(
+                    f"channel protocol {msg.hello.protocol} is not supported; this daemon speaks "
+                    f"{wire.PROTOCOL}: use the vattn client of the daemon's version")
+            session = self.service.open_session(conn.peer, msg.hello.name, msg.hello.tenant, conn)
+        except (VattnError, wire.ProtocolError) as exc:
+            log.info("channel: refused pid %d: %s", conn.peer.pid, printable(str(exc)))
+            self._refuse(conn, str(exc))
+            return
+        conn.session = session
+        conn.send(cpb.ChannelMessage(welcome=cpb.Welcome(session_id=session.id, session_token=session.token)))
+
+    # ----- calls ------------------------------------------------------------
     def _readable(self, conn: Connection) -> None:
         try:
             size, _, flags, _ = conn.sock.recvmsg_into([self._buf])
-            data = bytes(memoryview(self._buf)[:size])
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, flags = b"", 0
-        if data:
-            try:
-                if flags & socket.MSG_TRUNC:
-                    raise ValueError(f"a datagram over {MAX_CALL_DATAGRAM} bytes")
-                msg = channel_pb2.ChannelMessage.FromString(data)
-                if msg.WhichOneof("kind") != "call" or self._on_call is None:
-                    raise ValueError(f"a {msg.WhichOneof('kind')} message where only Call is expected")
-            except Exception as exc:  # noqa: BLE001 - any garbage ends this session only
-                log.warning("session %d broke the channel protocol (%s); closing it", conn.session_id, exc)
-            else:
-                self._on_call(conn, msg.call)
-                return
-        self._selector.unregister(conn.sock)
-        self._close_session(conn)
-        conn.close()
+            size, flags = 0, 0
+        if size == 0:
+            self._close(conn)
+            return
+        try:
+            if flags & socket.MSG_TRUNC:
+                raise wire.ProtocolError(f"a datagram over {wire.MAX_CALL_BYTES} bytes")
+            msg = wire.decode(memoryview(self._buf)[:size])
+            if msg.WhichOneof("kind") != "call":
+                raise wire.ProtocolError(f"a {msg.WhichOneof('kind')} message where only Call is expected")
+        except wire.ProtocolError as exc:
+            conn.ending = f"it broke the channel protocol ({exc})"
+            return
+        call = msg.call
+        which = call.WhichOneof("request")
+        method = ON_CHANNEL.get(which)
+        if method is None:
+            error = InvalidArgument(f"a Call must hold one of {_CALL_KINDS}")
+            self._answer(conn, call.call_id, Outcome(None, conn.session, error=error))
+            return
+        call_id = call.call_id
+        conn.busy = True
+
+        def later(outcome: Outcome) -> None:
+            self._answer(conn, call_id, outcome)
+            conn.busy = False
+            self.watch(conn)
+
+        outcome = self.dispatcher.run(method, getattr(call, which), "channel", conn.session, done=later)
+        if outcome is not None:
+            conn.busy = False
+            self._answer(conn, call_id, outcome)
+
+    @staticmethod
+    def _answer(conn: Connection, call_id: int, outcome: Outcome) -> None:
+        result = cpb.CallResult(call_id=call_id)
+        reply = outcome.reply
+        if reply is None:
+            result.error.code = outcome.error.code
+            result.error.message = outcome.error.message
+            conn.post([(wire.encode(cpb.ChannelMessage(result=result)), ())])
+            return
+        getattr(result, wire.RESULT_FIELDS[reply.message.DESCRIPTOR.full_name]).CopyFrom(reply.message)
+        fds = reply.fds
+        if fds:
+            result.fd_count = len(fds)
+            result.grant_seq = reply.seq
+        conn.post(wire.frames(cpb.ChannelMessage(result=result), fds, reply.seq), reply.sent)

@@ -1,94 +1,57 @@
-"""The allocator state of vattnd: pages, sessions, regions and slots.
+"""The allocator state of vattnd: pages, sessions, regions, slots and tenants.
 
-A plain object with no I/O, no threads and no clock: callers pass the time in,
-and get back which page ids moved. The servicer turns requests into calls on
-it and its results into replies and fd sends; the backends never appear here.
+A plain object with no I/O, no threads and no clock: callers pass the time in
+and get values back. What the daemon must *do* about a call is part of the
+value it returns (the h11 / sans-I/O model): a :class:`Grant` names the pages
+whose fds must go out and those that must first be replaced with zeroed pages;
+a :class:`Shortage` says by how much the pool fell short and which sessions
+to ask for idle pages. The service performs those effects; the core never
+touches a socket, a backend or a lock.
 
 Rules it keeps (``check_invariants`` verifies them):
-- every page is either on its device's free list or owned by exactly one slot
-  of one region of one session;
+- every page is either on its device's free list or owned by exactly one
+  region of one session (by a slot, or as a spare);
 - pages are conserved: free + owned == total, per device;
-- a call that raises changes nothing (every check happens before any change).
+- a call that fails changes nothing: a caller's mistake raises before any
+  change, and a shortage is returned, not raised, with nothing changed.
 
-Pages of a slot are stored tensor-interleaved: page index ``j`` of tensor
-``t`` sits at ``slot_pages[j * num_tensors + t]``, so growing appends and
-shrinking truncates.
+Pages of a slot are stored tensor-interleaved (the grant order of
+:mod:`vattn.contract.layout`): page ``j`` of tensor ``t`` sits at
+``slot_pages[j * num_tensors + t]``, so growing appends and shrinking
+truncates. A region keeps lists only for slots that hold pages, so an empty
+region costs the same whatever its max_batch.
 
 Spare pages (eager allocation): a region may ask for ``spare_target`` pages
-held ahead of need. They belong to the region's session (so no other session
-can ever receive them) but to no slot yet; the worker imports them in the
-background, and a grow takes them first, which keeps the import off the
-grow's critical path. Each grant tops the spares up again from the free list,
-best effort: a shortage of spares never fails a call.
+held ahead of need. They belong to the region's session (no other session
+can receive them) but to no slot yet; the worker imports them in the
+background and a grant takes them first (oldest first), which keeps the
+import off the grow's critical path. Each grant tops the spares up again from
+the free list, best effort: a shortage of spares never fails a call.
+
+Idle slots (deferred reclamation): a slot whose request finished may keep its
+pages (``park``); they still count as its session's, and when the pool runs
+short the core names the sessions holding idle pages (lower tenant priority,
+then more idle pages, first) in the :class:`Shortage`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Mapping, NewType, Sequence
 
-from vattnd.units import format_size
-from vattn.errors import (
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-)
+from vattn.contract.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from vattn.contract.layout import MAX_SPARE, Geometry, Layout, SlotGrant, spares_used
+from vattn.contract.units import format_size
 
 PageId = NewType("PageId", int)
 SessionId = NewType("SessionId", int)
 RegionId = NewType("RegionId", int)
 
-# Limits on a region's geometry: generous, but small enough that sizes stay
-# far inside 64-bit arithmetic and a worker's virtual address space.
-MAX_DIM = 4096
-MAX_BATCH = 65536
-MAX_CONTEXT = 1 << 24
-MAX_TENSOR_BYTES = 1 << 44  # 16 TiB of virtual space per K or V tensor
-MAX_SPARE = 1 << 16
 DEFAULT_TENANT = "default"
 
-
-@dataclass(frozen=True, slots=True)
-class Geometry:
-    """Shape of every tensor of a region: [max_batch, max_context, heads, dim]."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype_size: int
-    max_batch: int
-    max_context: int
-    # One tensor holding every layer's K and V per token (see vattn.proto's Layout).
-    all_layers: bool = False
-
-    def validate(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not 1 <= value <= MAX_DIM:
-                raise InvalidArgument(f"geometry.{name} is {value}; it must be in 1..{MAX_DIM}")
-        if self.dtype_size not in (1, 2, 4, 8):
-            raise InvalidArgument(
-                f"dtype size {self.dtype_size} is not supported; set geometry.dtype"
-            )
-        if not 1 <= self.max_batch <= MAX_BATCH:
-            raise InvalidArgument(
-                f"geometry.max_batch is {self.max_batch}; it must be in 1..{MAX_BATCH}"
-            )
-        if not 1 <= self.max_context <= MAX_CONTEXT:
-            raise InvalidArgument(
-                f"geometry.max_context is {self.max_context}; it must be in 1..{MAX_CONTEXT}"
-            )
-
-    @property
-    def num_tensors(self) -> int:
-        return 1 if self.all_layers else 2 * self.num_layers
-
-    @property
-    def token_bytes(self) -> int:
-        per_tensor = self.num_kv_heads * self.head_dim * self.dtype_size
-        return per_tensor * 2 * self.num_layers if self.all_layers else per_tensor
+__all__ = [
+    "DEFAULT_TENANT", "EMPTY_GRANT", "DeviceUsage", "Geometry", "Grant", "PageId", "PoolCore", "Region",
+    "RegionId", "Session", "SessionId", "SessionUsage", "Shortage", "SlotGrant", "Snapshot", "TenantUsage",
+]
 
 
 @dataclass(slots=True)
@@ -96,14 +59,9 @@ class Region:
     id: RegionId
     session: SessionId
     device: int
-    geometry: Geometry
-    page_size: int
-    num_tensors: int
-    token_bytes: int
-    slot_stride: int
-    pages_per_slot: int
-    # Per slot, that slot's pages, tensor-interleaved (see module docstring).
-    slots: list[list[PageId]]
+    layout: Layout
+    # Pages of each slot that holds any, tensor-interleaved (see the module docstring).
+    slots: dict[int, list[PageId]] = field(default_factory=dict)
     # Pages held ahead of need (oldest first) and how many to keep.
     spare: list[PageId] = field(default_factory=list)
     spare_target: int = 0
@@ -112,22 +70,24 @@ class Region:
     # knows which slots it reused, decides what to give back when asked.
     idle: set[int] = field(default_factory=set)
 
+    @property
+    def geometry(self) -> Geometry:
+        return self.layout.geometry
+
+    @property
+    def num_tensors(self) -> int:
+        return self.layout.num_tensors
+
+    def pages_of(self, slot: int) -> int:
+        """Pages per tensor ``slot`` holds."""
+        pages = self.slots.get(slot)
+        return len(pages) // self.layout.num_tensors if pages else 0
+
     def idle_pages(self) -> int:
         return sum(len(self.slots[slot]) for slot in self.idle)
 
-    @property
-    def tensor_bytes(self) -> int:
-        return self.geometry.max_batch * self.slot_stride
-
-    def pages_for(self, tokens: int) -> int:
-        """Pages per tensor needed to hold ``tokens`` tokens in one slot."""
-        return -(-tokens * self.token_bytes // self.page_size)
-
-    def slot_pages_per_tensor(self, slot: int) -> int:
-        return len(self.slots[slot]) // self.num_tensors
-
     def pages_held(self) -> int:
-        return sum(len(s) for s in self.slots) + len(self.spare)
+        return sum(len(s) for s in self.slots.values()) + len(self.spare)
 
 
 @dataclass(slots=True)
@@ -144,19 +104,15 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True)
-class SlotGrant:
-    slot: int
-    first_page: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
 class Grant:
-    """Pages granted by one grow or step, in reply order.
+    """Pages granted by one step (or taken as spares by a registration), and what must happen to them.
 
-    ``fresh`` are the ids of ``page_ids`` that did not come from the region's
-    spares (the worker has no handle for them yet), in ``page_ids`` order;
-    ``spare_added`` are new spare pages. Fds go out for fresh + spare_added.
+    ``page_ids`` are in reply order (:mod:`vattn.contract.layout`'s grant
+    order). ``fresh`` are those that did not come from the region's spares
+    (the worker has no handle for them yet), in ``page_ids`` order;
+    ``spare_added`` are new spare pages. Fds go out for ``fd_pages`` =
+    fresh + spare_added, and of those, ``replace`` must first be replaced
+    with zeroed pages: another tenant held them last.
     """
 
     grants: tuple[SlotGrant, ...]
@@ -165,6 +121,9 @@ class Grant:
     spare_added: tuple[PageId, ...] = ()
     # Slots that were idle (parked) before this step made them serve again.
     reactivated: tuple[int, ...] = ()
+    replace: tuple[PageId, ...] = ()
+    # (page, holder before this grant) of every page whose last holder it changed: what revert restores.
+    previous_holders: tuple[tuple[PageId, str | None], ...] = ()
 
     @property
     def fd_pages(self) -> tuple[PageId, ...]:
@@ -172,6 +131,52 @@ class Grant:
 
 
 EMPTY_GRANT = Grant((), ())
+
+
+@dataclass(frozen=True, slots=True)
+class Shortage:
+    """Why a step could not be granted; nothing changed. ``error()`` is what the caller is told.
+
+    ``reclaim`` names the other sessions holding idle pages on the device
+    (whom to ask first, pages to ask each) that together could cover the
+    shortfall; empty when none could, or when the limit is the tenant's quota.
+    """
+
+    device: int
+    page_size: int
+    wanted: int  # pages the call needs in all
+    free: int  # free pages on the device
+    total: int  # pages of the device's pool
+    spare: int  # spares of the region (used first)
+    tenant: str
+    quota: int | None = None  # set when the tenant's quota is the limit
+    held: int = 0  # pages the tenant holds (with quota)
+    reclaim: tuple[tuple[SessionId, int], ...] = ()
+
+    @property
+    def over_quota(self) -> bool:
+        return self.quota is not None
+
+    @property
+    def shortfall(self) -> int:
+        """Pages missing from the pool (0 when the quota is the limit)."""
+        return 0 if self.over_quota else self.wanted - self.free - self.spare
+
+    def error(self) -> ResourceExhausted:
+        if self.quota is not None:
+            more = self.wanted - min(self.wanted, self.spare)
+            return ResourceExhausted(
+                f"tenant {self.tenant!r} is at its quota: this call needs {more} more pages "
+                f"({format_size(more * self.page_size)}) but the tenant holds {self.held} of its "
+                f"{self.quota} ({format_size(self.quota * self.page_size)}); free slots, or raise the quota "
+                f"(vattnd quota set {self.tenant} SIZE)"
+            )
+        return ResourceExhausted(
+            f"device {self.device}: this call needs {self.wanted} pages "
+            f"({format_size(self.wanted * self.page_size)}) but {self.free} of {self.total} are free"
+            + (f" (and {self.spare} spare in this region)" if self.spare else "")
+            + "; free or shrink slots, or give vattnd a larger --pool-size"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +230,13 @@ class PoolCore:
             raise ValueError("page_size must be positive")
         self.page_size = page_size
         self._total: dict[int, int] = {}
+        # Free pages per device, a stack: grants pop from the end.
         self._free: dict[int, list[PageId]] = {}
-        # Device of every page, indexed by page id: ids are dense and given in
-        # the order pages are added, whatever the device.
+        # Per page, indexed by page id (ids are dense and given in the order
+        # pages are added, whatever the device): its device, and the tenant
+        # whose session held it last (None: never held, or replaced since).
         self._device_of: list[int] = []
-        # The tenant whose session held each page last (None: never held, or
-        # scrubbed). A page crossing to another tenant is scrubbed first.
-        self._last_tenant: list[str | None] = []
+        self._holder: list[str | None] = []
         self._sessions: dict[SessionId, Session] = {}
         self._regions: dict[RegionId, Region] = {}
         # Tenants: pages held (all their sessions), quotas (pages) and priorities.
@@ -263,9 +268,9 @@ class PoolCore:
         first = len(self._device_of)
         ids = range(first, first + count)
         self._device_of.extend([device] * count)
-        self._last_tenant.extend([None] * count)
+        self._holder.extend([None] * count)
         self._total[device] += count
-        # Prepended in reverse, so pop() keeps handing out the lowest ids first.
+        # Below the pages already free, in reverse: grants keep taking the lowest ids first.
         free[:0] = reversed(ids)
         return ids
 
@@ -284,8 +289,7 @@ class PoolCore:
         session = self._sessions.get(SessionId(sid))
         if session is None:
             raise Unauthenticated(
-                f"session {sid} is not open (it ended, or the daemon restarted): "
-                "reconnect with vattn.connect()"
+                f"session {sid} is not open (it ended, or the daemon restarted): reconnect with vattn.connect()"
             )
         return session
 
@@ -293,9 +297,7 @@ class PoolCore:
         session = self.session(sid)
         region = self._regions.get(RegionId(region_id))
         if region is None:
-            raise NotFound(
-                f"region {region_id} does not exist; register one with RegisterRegion"
-            )
+            raise NotFound(f"region {region_id} does not exist; register one with RegisterRegion")
         if region.session != session.id:
             raise PermissionDenied(
                 f"region {region_id} belongs to another session; use a region this session registered"
@@ -331,6 +333,15 @@ class PoolCore:
         self._tenant_pages.setdefault(tenant, 0)
         return session
 
+    def close_session(self, sid: int) -> list[PageId]:
+        """Ends a session and returns every page it held (ids released)."""
+        session = self.session(sid)
+        released: list[PageId] = []
+        for region_id in list(session.regions):
+            released.extend(self._drop_region(session, region_id))
+        del self._sessions[session.id]
+        return released
+
     def _charge(self, session: Session, pages: int) -> None:
         session.pages += pages
         self._tenant_pages[session.tenant] += pages
@@ -352,6 +363,9 @@ class PoolCore:
             self._priority[tenant] = priority
         self._tenant_pages.setdefault(tenant, 0)
 
+    def quota(self, tenant: str) -> int | None:
+        return self._quota.get(tenant)
+
     def tenant_of(self, sid: int) -> str:
         return self.session(sid).tenant
 
@@ -366,70 +380,46 @@ class PoolCore:
         return [TenantUsage(t, self._tenant_pages.get(t, 0), self._quota.get(t), self._priority.get(t, 0),
                             counts.get(t, 0)) for t in names]
 
-    def close_session(self, sid: int) -> list[PageId]:
-        """Ends a session and returns every page it held (ids released)."""
-        session = self.session(sid)
-        released: list[PageId] = []
-        for region_id in list(session.regions):
-            released.extend(self._drop_region(session, region_id))
-        del self._sessions[session.id]
-        return released
-
     # ----- regions ---------------------------------------------------------
-    def register_region(self, sid: int, geometry: Geometry, device: int, spare_target: int = 0) -> Region:
-        """Registers a region; with ``spare_target``, takes spares at once (see ``region.spare``)."""
+    def register_region(self, sid: int, geometry: Geometry, device: int,
+                        spare_target: int = 0) -> tuple[Region, Grant]:
+        """Registers a region and takes its first spares (best effort).
+
+        Returns the region and the grant of those spares (``spare_added``,
+        with the pages to replace before their fds go out).
+        """
         session = self.session(sid)
         geometry.validate()
         if not 0 <= spare_target <= MAX_SPARE:
             raise InvalidArgument(f"spare_pages is {spare_target}; it must be in 0..{MAX_SPARE}")
         if device not in self._total:
-            raise InvalidArgument(
-                f"device {device} is not served by this daemon; use one of {self.devices}"
-            )
-        token_bytes = geometry.token_bytes
-        slot_bytes = geometry.max_context * token_bytes
-        pages_per_slot = -(-slot_bytes // self.page_size)
-        slot_stride = pages_per_slot * self.page_size
-        if geometry.max_batch * slot_stride > MAX_TENSOR_BYTES:
-            raise InvalidArgument(
-                f"one K/V tensor would need {format_size(geometry.max_batch * slot_stride)} of "
-                f"virtual memory (max_batch {geometry.max_batch} x {format_size(slot_stride)} per slot); "
-                f"the limit is {format_size(MAX_TENSOR_BYTES)}: lower max_batch or max_context"
-            )
-        region = Region(
-            id=RegionId(self._next_region),
-            session=session.id,
-            device=device,
-            geometry=geometry,
-            page_size=self.page_size,
-            num_tensors=geometry.num_tensors,
-            token_bytes=token_bytes,
-            slot_stride=slot_stride,
-            pages_per_slot=pages_per_slot,
-            slots=[[] for _ in range(geometry.max_batch)],
-            spare_target=spare_target,
-        )
+            raise InvalidArgument(f"device {device} is not served by this daemon; use one of {self.devices}")
+        region_id = RegionId(self._next_region)
+        region = Region(region_id, session.id, device, Layout.of(region_id, geometry, self.page_size),
+                        spare_target=spare_target)
         self._next_region += 1
         self._regions[region.id] = region
         session.regions[region.id] = region
-        self._top_up(region)
-        return region
+        added = self._top_up(region, session)
+        if not added:
+            return region, EMPTY_GRANT
+        replace, previous = self._claim(added, session.tenant)
+        return region, Grant((), (), spare_added=added, replace=replace, previous_holders=previous)
 
-    def _top_up(self, region: Region) -> tuple[PageId, ...]:
+    def _top_up(self, region: Region, session: Session) -> tuple[PageId, ...]:
         """Moves free pages to the region's spares up to its target (and the tenant's quota)."""
         free = self._free[region.device]
         n = min(region.spare_target - len(region.spare), len(free))
-        tenant = self._sessions[region.session].tenant
-        quota = self._quota.get(tenant)
+        quota = self._quota.get(session.tenant)
         if quota is not None:
-            n = min(n, quota - self._tenant_pages.get(tenant, 0))
+            n = min(n, quota - self._tenant_pages[session.tenant])
         if n <= 0:
             return ()
         added = free[len(free) - n :]
         del free[len(free) - n :]
         added.reverse()
         region.spare.extend(added)
-        self._charge(self._sessions[region.session], n)
+        self._charge(session, n)
         return tuple(added)
 
     def release_region(self, sid: int, region_id: int) -> list[PageId]:
@@ -440,109 +430,114 @@ class PoolCore:
         region = session.regions.pop(region_id)
         del self._regions[region_id]
         released: list[PageId] = list(region.spare)
-        free = self._free[region.device]
-        free.extend(region.spare)
-        region.spare.clear()
-        for pages in region.slots:
+        for pages in region.slots.values():
             released.extend(pages)
-            free.extend(pages)
-            pages.clear()
+        self._free[region.device].extend(released)
+        region.spare.clear()
+        region.slots.clear()
+        region.idle.clear()
         self._charge(session, -len(released))
         return released
 
     # ----- slots -----------------------------------------------------------
-    def _check_slot(self, region: Region, slot: int) -> None:
-        if not 0 <= slot < region.geometry.max_batch:
-            raise OutOfRange(
-                f"slot {slot} is outside region {region.id}'s slots 0..{region.geometry.max_batch - 1}"
-            )
-
-    def _check_tokens(self, region: Region, slot: int, tokens: int) -> None:
-        if tokens < 0:
-            raise InvalidArgument(f"tokens must not be negative (slot {slot}: {tokens})")
-        if tokens > region.geometry.max_context:
-            raise OutOfRange(
-                f"slot {slot}: {tokens} tokens exceed region {region.id}'s max_context "
-                f"{region.geometry.max_context}; stop the request or register a region with a larger max_context"
-            )
-
-    def grow(self, sid: int, region_id: int, slot: int, tokens: int) -> Grant:
+    def grow(self, sid: int, region_id: int, slot: int, tokens: int) -> Grant | Shortage:
         """Makes ``slot`` hold at least ``tokens`` tokens; never shrinks."""
         return self.step(sid, region_id, ((slot, tokens),))
 
-    def step(self, sid: int, region_id: int, entries: Sequence[tuple[int, int]]) -> Grant:
-        """Grows many slots at once; all or nothing."""
+    def step(self, sid: int, region_id: int, entries: Sequence[tuple[int, int]]) -> Grant | Shortage:
+        """Grows many slots at once, all or nothing: a Grant, or a Shortage that changed nothing."""
         region = self.region(sid, region_id)
-        num_tensors = region.num_tensors
-        plan: list[tuple[int, int, int]] = []  # (slot, have, need) pages per tensor
-        seen: set[int] = set()
-        wanted = 0
-        for slot, tokens in entries:
-            self._check_slot(region, slot)
-            self._check_tokens(region, slot, tokens)
-            if slot in seen:
-                raise InvalidArgument(f"slot {slot} appears twice in one step; give each slot once")
-            seen.add(slot)
-            have = len(region.slots[slot]) // num_tensors
-            need = region.pages_for(tokens)
-            if need > have:
-                plan.append((slot, have, need - have))
-                wanted += (need - have) * num_tensors
+        plan, wanted = region.layout.plan(entries, region.pages_of)
+        idle = region.idle
         # A slot being grown serves a request again (changed only once the step cannot fail).
-        reactivated = tuple(slot for slot in seen if slot in region.idle) if region.idle else ()
+        reactivated = tuple(slot for slot, _ in entries if slot in idle) if idle else ()
         if not plan:
-            region.idle.difference_update(reactivated)
+            idle.difference_update(reactivated)
             return EMPTY_GRANT
+        session = self._sessions[region.session]
         free, spare = self._free[region.device], region.spare
         if wanted > len(free) + len(spare):
-            exc = ResourceExhausted(
-                f"device {region.device}: this call needs {wanted} pages "
-                f"({format_size(wanted * self.page_size)}) but {len(free)} of "
-                f"{self._total[region.device]} are free"
-                + (f" (and {len(spare)} spare in this region)" if spare else "")
-                + "; free or shrink slots, or give vattnd a larger --pool-size"
-            )
-            exc.shortfall = wanted - len(free) - len(spare)
-            raise exc
+            return Shortage(region.device, self.page_size, wanted, len(free), self._total[region.device],
+                            len(spare), session.tenant,
+                            reclaim=self._reclaim_targets(region.device, session.id,
+                                                          wanted - len(free) - len(spare)))
         from_spare = min(wanted, len(spare))
-        session = self._sessions[region.session]
+        fresh_n = wanted - from_spare
         quota = self._quota.get(session.tenant)
-        held = self._tenant_pages.get(session.tenant, 0)
-        if quota is not None and held + wanted - from_spare > quota:
-            exc = ResourceExhausted(
-                f"tenant {session.tenant!r} is at its quota: this call needs {wanted - from_spare} more pages "
-                f"({format_size((wanted - from_spare) * self.page_size)}) but the tenant holds {held} of its "
-                f"{quota} ({format_size(quota * self.page_size)}); free slots, or raise the quota "
-                f"(vattnd quota set {session.tenant} SIZE)"
-            )
-            exc.over_quota = True
-            raise exc
+        held = self._tenant_pages[session.tenant]
+        if quota is not None and held + fresh_n > quota:
+            return Shortage(region.device, self.page_size, wanted, len(free), self._total[region.device],
+                            len(spare), session.tenant, quota=quota, held=held)
         # Commit: nothing below can fail. Spares first (oldest first: the
         # worker has most likely imported them already), then free pages.
-        granted = spare[:from_spare]
+        granted = spares_used(spare, from_spare)
         del spare[:from_spare]
-        fresh_n = wanted - from_spare
         fresh: list[PageId] = []
         if fresh_n:
             fresh = free[len(free) - fresh_n :]
             del free[len(free) - fresh_n :]
             fresh.reverse()
             granted.extend(fresh)
-        grants = []
-        offset = 0
-        for slot, have, count in plan:
+        slots, num_tensors, offset = region.slots, region.layout.num_tensors, 0
+        for slot, _, count in plan:
             n = count * num_tensors
-            region.slots[slot].extend(granted[offset : offset + n])
+            pages = slots.get(slot)
+            if pages is None:
+                slots[slot] = granted[offset : offset + n]
+            else:
+                pages.extend(granted[offset : offset + n])
             offset += n
-            grants.append(SlotGrant(slot, have, count))
-        self._charge(self._sessions[region.session], fresh_n)
-        region.idle.difference_update(reactivated)
-        return Grant(tuple(grants), tuple(granted), tuple(fresh), self._top_up(region), reactivated)
+        self._charge(session, fresh_n)
+        idle.difference_update(reactivated)
+        spare_added = self._top_up(region, session)
+        fresh_t = tuple(fresh)
+        replace, previous = self._claim(fresh_t + spare_added, session.tenant)
+        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, previous)
+
+    def _claim(self, pages: Sequence[PageId], tenant: str):
+        """Records ``tenant`` as the holder of ``pages``; returns (pages to replace, previous holders).
+
+        A page another tenant held last must be replaced with a zeroed one
+        before its fd goes out, so no tenant sees another's data, nor shares
+        a page another tenant may still have mapped.
+        """
+        holder = self._holder
+        replace: list[PageId] = []
+        previous: list[tuple[PageId, str | None]] = []
+        for p in pages:
+            held = holder[p]
+            if held is not tenant:  # the steady state (same tenant again) costs one identity check
+                if held is not None and held != tenant:
+                    replace.append(p)
+                if held != tenant:
+                    previous.append((p, held))
+                holder[p] = tenant
+        return tuple(replace), tuple(previous)
+
+    def _reclaim_targets(self, device: int, requester: SessionId, shortfall: int) -> tuple[tuple[SessionId, int], ...]:
+        """Other sessions with idle pages on ``device`` to ask, and how many each, until ``shortfall`` is covered.
+
+        Lower-priority tenants first, then the sessions with the most idle pages.
+        """
+        idle: dict[SessionId, int] = {}
+        for region in self._regions.values():
+            if region.idle and region.device == device and region.session != requester:
+                idle[region.session] = idle.get(region.session, 0) + region.idle_pages()
+        if not idle:
+            return ()
+        order = sorted((self.priority(self._sessions[sid].tenant), -pages, sid) for sid, pages in idle.items())
+        asks = []
+        for _, neg_pages, sid in order:
+            if shortfall <= 0:
+                break
+            asks.append((sid, min(-neg_pages, shortfall)))
+            shortfall += neg_pages
+        return tuple(asks)
 
     def revert(self, sid: int, region_id: int, grant: Grant) -> None:
-        """Undoes the step that returned ``grant``, which must be the region's last change.
+        """Undoes the step (or registration top-up) that returned ``grant``, the region's last change.
 
-        For the service, when it cannot deliver a grant's pages (scrubbing
+        For the service, when it cannot deliver a grant's pages (replacing
         them failed): the call is then refused and, like every refused call,
         changes nothing.
         """
@@ -551,42 +546,21 @@ class PoolCore:
             return
         free, spare = self._free[region.device], region.spare
         # The reverse of step's commit, last move first.
+        for page, held in grant.previous_holders:
+            self._holder[page] = held
         if grant.spare_added:
             del spare[len(spare) - len(grant.spare_added) :]
             free.extend(reversed(grant.spare_added))
-        num_tensors = region.num_tensors
+        num_tensors = region.layout.num_tensors
         for g in grant.grants:
             pages = region.slots[g.slot]
             del pages[len(pages) - g.count * num_tensors :]
+            if not pages:
+                del region.slots[g.slot]
         free.extend(reversed(grant.fresh))
         spare[:0] = grant.page_ids[: len(grant.page_ids) - len(grant.fresh)]
         region.idle.update(grant.reactivated)
         self._charge(self._sessions[region.session], -(len(grant.fresh) + len(grant.spare_added)))
-
-    def claim(self, pages: Sequence[int], tenant: str) -> list[tuple[PageId, str]]:
-        """Records that ``tenant`` now holds ``pages`` (whose fds are about to go out).
-
-        Returns (page, last tenant) of those another tenant held last: they
-        must be scrubbed (replaced with zeroed pages) before their fds go
-        out, so no tenant ever sees another's data, nor shares a page another
-        tenant may still have mapped. If scrubbing fails, :meth:`unclaim`
-        puts the record back.
-        """
-        last = self._last_tenant
-        foreign = []
-        for p in pages:
-            held = last[p]
-            if held is not tenant:  # the steady state (same tenant again) costs one identity check
-                if held is not None and held != tenant:
-                    foreign.append((PageId(p), held))
-                last[p] = tenant
-        return foreign
-
-    def unclaim(self, foreign: Sequence[tuple[int, str]]) -> None:
-        """Gives pages back the last tenants that :meth:`claim` returned (their scrub failed)."""
-        last = self._last_tenant
-        for p, held in foreign:
-            last[p] = held
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
         """Returns the pages of ``slot`` beyond ``tokens`` tokens.
@@ -594,14 +568,18 @@ class PoolCore:
         Returns (pages per tensor kept, page ids released).
         """
         region = self.region(sid, region_id)
-        self._check_slot(region, slot)
-        self._check_tokens(region, slot, tokens)
-        pages = region.slots[slot]
-        keep = min(region.pages_for(tokens), len(pages) // region.num_tensors)
-        cut = keep * region.num_tensors
+        layout = region.layout
+        layout.check_slot(slot)
+        layout.check_tokens(slot, tokens)
+        pages = region.slots.get(slot)
+        if not pages:
+            return 0, []
+        keep = min(layout.pages_for(tokens), len(pages) // layout.num_tensors)
+        cut = keep * layout.num_tensors
         released = pages[cut:]
         del pages[cut:]
         if not pages:
+            del region.slots[slot]
             region.idle.discard(slot)
         self._free[region.device].extend(reversed(released))
         self._charge(self._sessions[region.session], -len(released))
@@ -610,37 +588,38 @@ class PoolCore:
     def park(self, sid: int, region_id: int, slot: int) -> int:
         """Marks ``slot`` idle: its request finished, its pages stay mapped for the next one.
 
-        Returns the slot's pages. A slot without pages is not marked.
+        Returns the slot's pages (all tensors). A slot without pages is not marked.
         """
         region = self.region(sid, region_id)
-        self._check_slot(region, slot)
-        if region.slots[slot]:
-            region.idle.add(slot)
-        return len(region.slots[slot])
+        region.layout.check_slot(slot)
+        pages = region.slots.get(slot)
+        if not pages:
+            return 0
+        region.idle.add(slot)
+        return len(pages)
 
     def idle_by_session(self, device: int) -> dict[SessionId, int]:
-        """Idle pages on ``device`` per session that has some (whom to ask when short)."""
+        """Idle pages on ``device`` per session that has some."""
         out: dict[SessionId, int] = {}
         for region in self._regions.values():
             if region.device == device and region.idle:
-                pages = region.idle_pages()
-                if pages:
-                    out[region.session] = out.get(region.session, 0) + pages
+                out[region.session] = out.get(region.session, 0) + region.idle_pages()
         return out
 
     # ----- checking --------------------------------------------------------
     def owners(self) -> dict[PageId, tuple[SessionId, RegionId, int]]:
-        """Every owned page and its (session, region, slot). For tests and audits."""
+        """Every owned page and its (session, region, slot; -1 for a spare). For tests and audits."""
         owned: dict[PageId, tuple[SessionId, RegionId, int]] = {}
         for region in self._regions.values():
-            for page in region.spare:  # slot -1: a spare
+            for page in region.spare:
                 if page in owned:
                     raise AssertionError(f"page {page} owned twice")
                 owned[page] = (region.session, region.id, -1)
-            for slot, pages in enumerate(region.slots):
+            for slot, pages in region.slots.items():
                 for page in pages:
                     if page in owned:
-                        raise AssertionError(f"page {page} owned twice: {owned[page]} and {(region.session, region.id, slot)}")
+                        raise AssertionError(
+                            f"page {page} owned twice: {owned[page]} and {(region.session, region.id, slot)}")
                     owned[page] = (region.session, region.id, slot)
         return owned
 
@@ -664,18 +643,19 @@ class PoolCore:
         for region in self._regions.values():
             if region.id not in self._sessions[region.session].regions:
                 raise AssertionError(f"region {region.id} missing from its session")
-            for slot, pages in enumerate(region.slots):
-                if len(pages) % region.num_tensors:
-                    raise AssertionError(f"region {region.id} slot {slot}: ragged pages")
-                if len(pages) // region.num_tensors > region.pages_per_slot:
+            layout = region.layout
+            for slot, pages in region.slots.items():
+                if not pages or len(pages) % layout.num_tensors:
+                    raise AssertionError(f"region {region.id} slot {slot}: empty or ragged pages")
+                if len(pages) // layout.num_tensors > layout.pages_per_slot:
                     raise AssertionError(f"region {region.id} slot {slot}: over max_context")
-                if any(self.device_of(p) != region.device for p in pages):
+                if any(self._device_of[p] != region.device for p in pages):
                     raise AssertionError(f"region {region.id}: page from another device")
-            if any(not region.slots[slot] for slot in region.idle):
+            if any(slot not in region.slots for slot in region.idle):
                 raise AssertionError(f"region {region.id}: an idle slot holds no pages")
             if len(region.spare) > region.spare_target:
                 raise AssertionError(f"region {region.id}: {len(region.spare)} spares over target {region.spare_target}")
-            if any(self.device_of(p) != region.device for p in region.spare):
+            if any(self._device_of[p] != region.device for p in region.spare):
                 raise AssertionError(f"region {region.id}: spare page from another device")
         by_tenant: dict[str, int] = {}
         for session in self._sessions.values():
@@ -686,4 +666,3 @@ class PoolCore:
         for tenant, pages in self._tenant_pages.items():
             if pages != by_tenant.get(tenant, 0):
                 raise AssertionError(f"tenant {tenant!r}: counts {pages}, holds {by_tenant.get(tenant, 0)}")
-

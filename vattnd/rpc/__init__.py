@@ -1,1 +1,1 @@
-"""gRPC layer: the servicer and ``create_server``."""
+"""The gRPC edge: the Pool and Admin services over the call table, ``create_server``."""

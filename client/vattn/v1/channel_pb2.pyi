@@ -41,18 +41,22 @@ class PageBatch(_message.Message):
     def __init__(self, grant_seq: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("call_id", "grow", "step", "shrink", "free")
+    __slots__ = ("call_id", "grow", "step", "shrink", "free", "register_region", "release_region")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     GROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SHRINK_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_REGION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_REGION_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     grow: _vattn_pb2.GrowRequest
     step: _vattn_pb2.StepRequest
     shrink: _vattn_pb2.ShrinkRequest
     free: _vattn_pb2.FreeRequest
-    def __init__(self, call_id: _Optional[int] = ..., grow: _Optional[_Union[_vattn_pb2.GrowRequest, _Mapping]] = ..., step: _Optional[_Union[_vattn_pb2.StepRequest, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkRequest, _Mapping]] = ..., free: _Optional[_Union[_vattn_pb2.FreeRequest, _Mapping]] = ...) -> None: ...
+    register_region: _vattn_pb2.RegisterRegionRequest
+    release_region: _vattn_pb2.ReleaseRegionRequest
+    def __init__(self, call_id: _Optional[int] = ..., grow: _Optional[_Union[_vattn_pb2.GrowRequest, _Mapping]] = ..., step: _Optional[_Union[_vattn_pb2.StepRequest, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkRequest, _Mapping]] = ..., free: _Optional[_Union[_vattn_pb2.FreeRequest, _Mapping]] = ..., register_region: _Optional[_Union[_vattn_pb2.RegisterRegionRequest, _Mapping]] = ..., release_region: _Optional[_Union[_vattn_pb2.ReleaseRegionRequest, _Mapping]] = ...) -> None: ...
 
 class CallError(_message.Message):
     __slots__ = ("code", "message")
@@ -63,16 +67,24 @@ class CallError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CallResult(_message.Message):
-    __slots__ = ("call_id", "grant", "shrink", "error")
+    __slots__ = ("call_id", "grant", "shrink", "error", "layout", "released", "fd_count", "grant_seq")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     SHRINK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    FD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_SEQ_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     grant: _vattn_pb2.GrantReply
     shrink: _vattn_pb2.ShrinkReply
     error: CallError
-    def __init__(self, call_id: _Optional[int] = ..., grant: _Optional[_Union[_vattn_pb2.GrantReply, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkReply, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    layout: _vattn_pb2.RegionLayout
+    released: _vattn_pb2.ReleaseRegionReply
+    fd_count: int
+    grant_seq: int
+    def __init__(self, call_id: _Optional[int] = ..., grant: _Optional[_Union[_vattn_pb2.GrantReply, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkReply, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., layout: _Optional[_Union[_vattn_pb2.RegionLayout, _Mapping]] = ..., released: _Optional[_Union[_vattn_pb2.ReleaseRegionReply, _Mapping]] = ..., fd_count: _Optional[int] = ..., grant_seq: _Optional[int] = ...) -> None: ...
 
 class ReclaimRequest(_message.Message):
     __slots__ = ("device", "pages")

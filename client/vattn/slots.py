@@ -1,0 +1,112 @@
+"""The worker's bookkeeping of a region's slots: pure, no torch, no daemon.
+
+:class:`SlotTable` knows which slots serve a request, how many pages per
+tensor each has mapped and the tokens they hold, which freed slots kept their
+pages (deferred reclamation), and the spare pages held ahead of need, in the
+order the daemon uses them. It plans grants with the layout arithmetic of
+:mod:`vattn.contract.layout`, the daemon's own, so the worker knows before a
+call what the daemon will grant. :class:`vattn.kv.KVCache` drives it and
+does the mapping; tests drive it alone.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Iterable, Sequence
+
+from vattn.contract.errors import Internal, ResourceExhausted
+from vattn.contract.layout import Layout, SlotGrant, spares_used
+
+
+class SlotTable:
+    def __init__(self, layout: Layout, spares: Iterable[int] = ()):
+        self.layout = layout
+        n = layout.max_batch
+        self.in_use = [False] * n
+        # Pages per tensor mapped under each slot, and the tokens they hold.
+        self.pages = [0] * n
+        self.capacity = [0] * n
+        # Freed slots that kept their pages (keep_freed).
+        self.idle: set[int] = set()
+        # Spare page ids, oldest first: the order the daemon takes them in.
+        self.spares: collections.deque[int] = collections.deque(spares)
+
+    # ----- requests ---------------------------------------------------------
+    def alloc(self, tokens: int = 0) -> int:
+        """Claims a free slot for a request of about ``tokens`` tokens.
+
+        Best fit over freed slots that kept their pages: of the slots whose
+        pages the request will fill, the one with the most; failing that, the
+        one with the fewest pages; ties go to the lowest slot. Without kept
+        pages: the lowest free slot.
+        """
+        need = self.layout.pages_for(max(0, tokens))
+        best, best_key = -1, None
+        for slot, used in enumerate(self.in_use):
+            if used:
+                continue
+            pages = self.pages[slot]
+            key = (0, -pages) if pages <= need else (1, pages)
+            if best_key is None or key < best_key:
+                best, best_key = slot, key
+        if best < 0:
+            raise ResourceExhausted(
+                f"all {self.layout.max_batch} slots of region {self.layout.region_id} are in use: free one, "
+                "or register a region with a larger max_batch"
+            )
+        self.in_use[best] = True
+        self.idle.discard(best)
+        return best
+
+    def release(self, slot: int, keep_pages: bool) -> None:
+        """The request in ``slot`` finished; with ``keep_pages`` its pages stay (idle)."""
+        self.in_use[slot] = False
+        if keep_pages and self.pages[slot]:
+            self.idle.add(slot)
+
+    def covers(self, slot: int, tokens: int) -> bool:
+        """Whether ``slot`` already holds ``tokens`` tokens (then a grow needs no call)."""
+        return 0 <= slot < self.layout.max_batch and tokens <= self.capacity[slot]
+
+    # ----- grants -----------------------------------------------------------
+    def plan(self, entries: Iterable[tuple[int, int]]) -> tuple[list[SlotGrant], int]:
+        """What the daemon will grant for ``entries`` (see :meth:`Layout.plan`), and the pages in all."""
+        return self.layout.plan(entries, self.pages.__getitem__)
+
+    def spares_for(self, pages: int) -> list[int] | None:
+        """The spares a grant of ``pages`` pages takes, when they cover it (None otherwise)."""
+        if 0 < pages <= len(self.spares):
+            return spares_used(self.spares, pages)
+        return None
+
+    def check_grant(self, grants: Sequence[SlotGrant]) -> None:
+        """Raises Internal if a grant of the daemon starts where this table's slots do not."""
+        for slot, first, _ in grants:
+            if first != self.pages[slot]:
+                raise Internal(
+                    f"slot {slot}: daemon says {first} pages were mapped, the client has "
+                    f"{self.pages[slot]}; the session is out of step: reconnect"
+                )
+
+    def granted(self, grants: Sequence[SlotGrant], page_ids: Sequence[int], new_spares: Sequence[int]) -> None:
+        """Records a grant the daemon made (checked with :meth:`check_grant`): spares it used, new
+        spares, what each slot holds now."""
+        for _ in range(min(len(page_ids), len(self.spares))):  # the daemon used spares first
+            self.spares.popleft()
+        self.spares.extend(new_spares)
+        for slot, first, count in grants:
+            self.set_pages(slot, first + count)
+
+    def set_pages(self, slot: int, pages: int) -> None:
+        self.pages[slot] = pages
+        self.capacity[slot] = self.layout.capacity(pages)
+        if not pages:
+            self.idle.discard(slot)
+
+    # ----- deferred reclamation ---------------------------------------------
+    def idle_pages(self) -> int:
+        """Pages (all tensors) kept under freed slots."""
+        return sum(self.pages[slot] for slot in self.idle) * self.layout.num_tensors
+
+    def reclaimable(self) -> list[int]:
+        """Idle slots that serve no request, largest first: the order to give pages back in."""
+        return sorted((s for s in self.idle if not self.in_use[s]), key=lambda s: -self.pages[s])
