@@ -236,7 +236,7 @@ def main() -> None:
                 cache = pool.kv_cache(num_layers=layers, num_kv_heads=8, head_dim=128, max_batch=2,
                                       max_context=8 * 1024, dtype=torch.float16, prefetch_pages=prefetch)
                 # The pages of this grow, at the addresses the worker maps them (the cache's own ranges).
-                addrs = cache._addrs([(0, 0, per_tensor)])
+                addrs = cache.page_addresses(0, 0, per_tensor)
                 e2e = []
                 for _ in range(args.reps):
                     cache.wait_prefetched()  # the engine's compute time would cover this

@@ -22,6 +22,7 @@ invocation: the fd channel's fast path and gRPC.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--pool-size", default="12GiB")
     ap.add_argument("--devices", default="0")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--json", help="also write each row's medians and p99s (seconds) to this file")
     args = ap.parse_args()
 
     daemon = launch_daemon(args.backend, args.pool_size, str(PAGE), "--devices", args.devices)
@@ -125,6 +127,11 @@ def main() -> None:
         lines.append(f"| {transport} | {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
                      f"| {rate:.0f} |")
     emit("\n".join(lines), args.out)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([{"transport": t, "workers": n, "calls_per_s": rate,
+                        **{f"{k}_p50": statistics.median(v) for k, v in m.items()},
+                        **{f"{k}_p99": pct(v, 0.99) for k, v in m.items()}} for t, n, m, rate in rows], fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The checkout whose daemon a benchmark starts (bench/side_by_side.py points it at another one).
+SOURCE = os.environ.get("VATTND_SOURCE", ROOT)
 
 
 @dataclass
@@ -37,7 +39,7 @@ def launch_daemon(backend: str, pool_size: str, page_size: str, *extra: str, wai
             [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", backend,
              "--pool-size", pool_size, "--page-size", page_size, "--metrics-port", "-1", "--log-level", "warning",
              *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            stdout=log, stderr=subprocess.STDOUT, cwd=SOURCE)
     daemon = BenchDaemon(proc, sock, log_path)
     if wait:
         from tests.conftest import wait_serving
