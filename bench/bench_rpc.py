@@ -13,7 +13,8 @@ KV region with a Llama-3-8B-like geometry (32 layers, 8 KV heads, head dim
 
 Latencies are measured in the worker around the client call, so they include
 the call, receiving the fds and mapping them. Throughput is calls completed
-by all workers per second of wall time. Both transports run in the same
+by all workers per second of wall time; the daemon's CPU time per call
+(from /proc) is the figure least moved by a noisy machine. Both transports run in the same
 invocation: the fd channel's fast path and gRPC.
 
     python bench/bench_rpc.py                       # host backend, 1/4/8 workers
@@ -74,6 +75,13 @@ def worker(socket_path: str, seconds: float, barrier, out, transport: str) -> No
     pool.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -101,14 +109,14 @@ def main() -> None:
             procs = [ctx.Process(target=worker, args=(sock, args.seconds, barrier, out, transport)) for _ in range(n)]
             for p in procs:
                 p.start()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds(daemon.proc.pid)
             results = [out.get(timeout=args.seconds + 300) for _ in procs]
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds(daemon.proc.pid) - cpu0
             for p in procs:
                 p.join()
             merged = {k: [v for lat, _ in results for v in lat[k]] for k in results[0][0]}
             total_rpcs = sum(r for _, r in results)
-            rows.append((transport, n, merged, total_rpcs / wall))
+            rows.append((transport, n, merged, total_rpcs / wall, cpu / total_rpcs))
     finally:
         daemon.stop()
 
@@ -119,19 +127,20 @@ def main() -> None:
         f"{args.seconds:.0f} s per row",
         "",
         "| transport | workers | grow 64 pages p50 / p99 (ms) | step 512 pages p50 / p99 (ms) "
-        "| empty Step call p50 / p99 (ms) | free p50 (ms) | calls/s (all workers) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| empty Step call p50 / p99 (ms) | free p50 (ms) | calls/s (all workers) | daemon CPU per call (us) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for transport, n, m, rate in rows:
+    for transport, n, m, rate, dcpu in rows:
         f = lambda k: f"{statistics.median(m[k]) * 1e3:.2f} / {pct(m[k], 0.99) * 1e3:.2f}"  # noqa: E731
         lines.append(f"| {transport} | {n} | {f('grow')} | {f('step')} | {f('rpc')} | {statistics.median(m['free']) * 1e3:.2f} "
-                     f"| {rate:.0f} |")
+                     f"| {rate:.0f} | {dcpu * 1e6:.0f} |")
     emit("\n".join(lines), args.out)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([{"transport": t, "workers": n, "calls_per_s": rate,
+            json.dump([{"transport": t, "workers": n, "calls_per_s": rate, "daemon_cpu_per_call": dcpu,
                         **{f"{k}_p50": statistics.median(v) for k, v in m.items()},
-                        **{f"{k}_p99": pct(v, 0.99) for k, v in m.items()}} for t, n, m, rate in rows], fh, indent=1)
+                        **{f"{k}_p99": pct(v, 0.99) for k, v in m.items()}} for t, n, m, rate, dcpu in rows], fh,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 Pool and session gauges come from a Collector that reads one snapshot of the
 pool per scrape, so nothing on the hot path updates them. RPC counts and the
-Grow/Step latency histogram are the only things recorded per call.
+Grow/Step latency histogram are the only things recorded per call, into plain
+counters that a second Collector reads at scrape time.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import threading
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from vattnd.pool.core import Snapshot
 
@@ -95,34 +100,50 @@ class PoolCollector(Collector):
         )
 
 
-class RpcMetrics:
-    """Per-call instruments; children are created once so a call costs two dict lookups.
+class RpcMetrics(Collector):
+    """Calls by method, transport and status, and Grow/Step latency, counted on the hot path for the price
+    of one uncontended lock and two dict updates; turned into Prometheus families only at scrape time.
 
-    ``transport`` is ``grpc`` for gRPC calls and ``channel`` for the fast path
-    on the fd channel.
+    ``transport`` is ``grpc`` for gRPC calls and ``channel`` for calls on the fd channel.
     """
 
-    def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter(
-            "vattnd_rpc_requests", "Calls handled, by method, transport and gRPC status code.",
-            ["method", "transport", "code"], registry=registry,
-        )
-        self.latency = Histogram(
-            "vattnd_rpc_duration_seconds",
-            "Time to handle Grow and Step calls in the daemon, grant and fd send included.",
-            ["method", "transport"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self._counters: dict[tuple[str, str, str], Counter] = {}
-        self._histograms: dict[tuple[str, str], Histogram] = {}
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self._lock = threading.Lock()
+        self._calls: dict[tuple[str, str, str], int] = {}
+        # (method, transport) -> counts per bucket (the last one: above every bound), then the sum.
+        self._latency: dict[tuple[str, str], list] = {}
+        if registry is not None:
+            registry.register(self)
 
     def record(self, method: str, transport: str, code: str, seconds: float | None) -> None:
         key = (method, transport, code)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = self.requests.labels(*key)
-        child.inc()
-        if seconds is not None:
-            hist = self._histograms.get(key[:2])
-            if hist is None:
-                hist = self._histograms[key[:2]] = self.latency.labels(method, transport)
-            hist.observe(seconds)
+        with self._lock:
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if seconds is not None:
+                hist = self._latency.get(key[:2])
+                if hist is None:
+                    hist = self._latency[key[:2]] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+                hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                hist[-1] += seconds
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            calls = dict(self._calls)
+            latency = {k: list(v) for k, v in self._latency.items()}
+        requests = CounterMetricFamily("vattnd_rpc_requests", "Calls handled, by method, transport and gRPC status code.",
+                                       labels=["method", "transport", "code"])
+        for key, count in sorted(calls.items()):
+            requests.add_metric(list(key), count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "vattnd_rpc_duration_seconds",
+            "Time to handle Grow and Step calls in the daemon, until the reply and its fds are queued.",
+            labels=["method", "transport"])
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for key, hist in sorted(latency.items()):
+            cumulative = list(itertools.accumulate(hist[:-1]))
+            duration.add_metric(list(key), list(zip(bounds, cumulative)), hist[-1])
+        yield duration

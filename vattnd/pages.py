@@ -79,15 +79,19 @@ class PageTable:
             for page, fd in zip(replace, new):
                 fds[page] = fd
             self.replaced += len(replace)
-        with self._lock:
-            self._issued += 1
-            ticket = self._issued
-            self._sending.add(ticket)
+        self._issued += 1  # under the service lock, as every deliver
+        ticket = self._issued
+        self._sending.add(ticket)
         return Delivery([fds[p] for p in pages], lambda: self._done(ticket))
 
     def _done(self, ticket: int) -> None:
+        # The steady state takes no lock: set.add/discard are atomic, and a
+        # retirement that races with this check is released by the ticket
+        # of the very delivery that retired it.
+        self._sending.discard(ticket)
+        if not self._retired:
+            return
         with self._lock:
-            self._sending.discard(ticket)
             if not self._retired:
                 return
             oldest = min(self._sending, default=self._issued + 1)

@@ -52,11 +52,11 @@ class ClientChannel:
         if size == 0:
             wire.close_fds(fds)
             raise Unavailable("vattnd closed the session's fd channel (it stopped or ended the session); reconnect")
-        if flags & socket.MSG_CTRUNC:
+        if flags & wire.MSG_CTRUNC:
             wire.close_fds(fds)
             raise Internal("page fds were cut off in transit: this process hit its open-file limit; raise it (ulimit -n)")
         try:
-            if flags & socket.MSG_TRUNC:
+            if flags & wire.MSG_TRUNC:
                 raise wire.ProtocolError(f"a message from vattnd was larger than {wire.MAX_MESSAGE_BYTES} bytes")
             return wire.decode(memoryview(self._buf)[:size]), fds
         except wire.ProtocolError as exc:

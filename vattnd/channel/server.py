@@ -4,7 +4,7 @@ A connection opens a session (after a Hello, with the peer's SO_PEERCRED
 identity) and closing it ends the session: the connection is the lease, so a
 killed worker's pages come back as soon as the kernel closes its socket.
 
-One thread runs a selector over the listening socket and every connection.
+One thread runs an epoll loop over the listening socket and every connection.
 It reads a session's Calls, runs them through the call table
 (:mod:`vattnd.calls`) and answers each with one CallResult datagram that
 carries the grant's page fds (continuation PageBatches behind it for more
@@ -29,7 +29,7 @@ import collections
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -50,6 +50,9 @@ SEND_STALL_S = 5.0
 MAX_QUEUED = 8192
 MAX_PER_UID = 512
 ACCEPT_BACKOFF_S = 1.0
+SWEEP_EVERY_S = 0.25
+READ, WRITE = select.EPOLLIN, select.EPOLLOUT
+_CLOSED = select.EPOLLHUP | select.EPOLLERR
 _CALL_KINDS = ", ".join(sorted(ON_CHANNEL))
 
 
@@ -192,13 +195,14 @@ class ChannelServer:
         os.chmod(path, mode)
         self._listener.listen(128)
         self._listener.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), READ)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._epoll.register(self._wake_r, READ)
         # A spare fd, closed to make room to refuse a connection at the open-file limit.
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self._conns: set[Connection] = set()
+        # Every connection, by its socket's fd (what epoll reports).
+        self._by_fd: dict[int, Connection] = {}
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._lock = threading.Lock()
         self._dirty: set[Connection] = set()
@@ -216,10 +220,10 @@ class ChannelServer:
         self._stopping = True
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
-        for conn in list(self._conns):
+        for conn in list(self._by_fd.values()):
             conn.close()
-        self._conns.clear()
-        self._selector.close()
+        self._by_fd.clear()
+        self._epoll.close()
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -253,83 +257,83 @@ class ChannelServer:
 
     # ----- the selector loop ------------------------------------------------
     def _run(self) -> None:
+        listener, wake = self._listener.fileno(), self._wake_r
+        by_fd = self._by_fd
         while not self._stopping:
             try:
-                events = self._selector.select(self._timeout())
+                events = self._epoll.poll(0.5 if (by_fd or self._accept_paused_until) else 5.0)
             except OSError:
                 if self._stopping:
                     return
                 raise
-            for key, mask in events:
-                data = key.data
-                try:
-                    if data == "wake":
-                        while True:
-                            try:
-                                if not os.read(self._wake_r, 4096):
-                                    break
-                            except BlockingIOError:
-                                break
-                    elif data is None:
+            for fd, mask in events:
+                conn = by_fd.get(fd)
+                if conn is None:
+                    if fd == listener:
                         self._accept()
-                    elif isinstance(data, Connection):
-                        if mask & selectors.EVENT_WRITE:
-                            data.flush()
-                        if mask & selectors.EVENT_READ and data.ending is None:
-                            if data.session is None:
-                                self._hello(data)
-                            else:
-                                self._readable(data)
-                        self._update(data)
+                    elif fd == wake:
+                        self._drain_wake()
+                    continue
+                try:
+                    if mask & WRITE:
+                        conn.flush()
+                    if mask & (READ | _CLOSED) and conn.ending is None:
+                        if conn.session is None:
+                            self._hello(conn)
+                        else:
+                            self._readable(conn)
+                    self._update(conn)
                 except Exception:  # noqa: BLE001 - one connection's trouble must not stop the channel
                     log.exception("fd channel: error on a connection; dropping it")
-                    if isinstance(data, Connection):
-                        self._close(data)
+                    self._close(conn)
             if self._stopping:
                 return
-            with self._lock:
-                dirty, self._dirty = self._dirty, set()
-            for conn in dirty:
-                self._update(conn)
-            self._sweep()
+            if self._dirty:  # read without the lock: a writer also wakes the loop
+                with self._lock:
+                    dirty, self._dirty = self._dirty, set()
+                for conn in dirty:
+                    self._update(conn)
+            if time.monotonic() >= self._next_sweep:
+                self._sweep()
 
-    def _timeout(self) -> float:
-        return 0.5 if (self._conns or self._accept_paused_until) else 5.0
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _update(self, conn: Connection) -> None:
-        """Sets what the selector watches on ``conn``, or ends it."""
-        if conn not in self._conns:
-            return
+        """Sets what epoll watches on ``conn``, or ends it."""
         if conn.ending is not None:
-            log.log(logging.WARNING if conn.misbehaved else logging.INFO, "fd channel: ending session %s of pid %d: %s",
-                    conn.session.id if conn.session else "(none yet)", conn.peer.pid, conn.ending)
-            self._close(conn)
+            if conn.sock.fileno() in self._by_fd:
+                log.log(logging.WARNING if conn.misbehaved else logging.INFO,
+                        "fd channel: ending session %s of pid %d: %s",
+                        conn.session.id if conn.session else "(none yet)", conn.peer.pid, conn.ending)
+                self._close(conn)
             return
-        events = 0
-        if conn.queued:
-            events |= selectors.EVENT_WRITE
-        elif not conn.busy:
-            events |= selectors.EVENT_READ
+        events = WRITE if conn.queued else 0 if conn.busy else READ
         if events == conn.events:
             return
+        fd = conn.sock.fileno()
+        if self._by_fd.get(fd) is not conn:
+            return  # closed meanwhile
         if conn.events == 0:
-            self._selector.register(conn.sock, events, conn)
+            self._epoll.register(fd, events)
         elif events == 0:
-            self._selector.unregister(conn.sock)
+            self._epoll.unregister(fd)
         else:
-            self._selector.modify(conn.sock, events, conn)
+            self._epoll.modify(fd, events)
         conn.events = events
 
     def _sweep(self) -> None:
         """Hello timeouts, stalled readers, the end of an accept pause (four times a second)."""
         now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 0.25
-        for conn in list(self._conns):
+        self._next_sweep = now + SWEEP_EVERY_S
+        for conn in list(self._by_fd.values()):
             if conn.session is None and now - conn.opened_at > self.hello_timeout_s:
                 conn.ending = f"no Hello within {self.hello_timeout_s:g} s"
-                self._close(conn)
+                self._update(conn)
             elif conn.stalled_for(now) > self.send_stall_s:
                 conn.ending = f"it did not read its replies for {self.send_stall_s:g} s"
                 self._update(conn)
@@ -339,17 +343,18 @@ class ChannelServer:
                 log.warning("fd channel: refused %d connections at the open-file limit in the last %g s",
                             self._refused_at_limit, ACCEPT_BACKOFF_S)
                 self._refused_at_limit = 0
-            self._selector.register(self._listener, selectors.EVENT_READ, None)
+            self._epoll.register(self._listener.fileno(), READ)
 
     def _close(self, conn: Connection) -> None:
-        """Ends a connection, and its session if it has one (selector thread)."""
-        if conn in self._conns:
-            self._conns.discard(conn)
+        """Ends a connection, and its session if it has one (loop thread)."""
+        fd = conn.sock.fileno()
+        if fd >= 0 and self._by_fd.get(fd) is conn:
+            del self._by_fd[fd]
             self._per_uid[conn.peer.uid] -= 1
             if self._per_uid[conn.peer.uid] <= 0:
                 del self._per_uid[conn.peer.uid]
             if conn.events:
-                self._selector.unregister(conn.sock)
+                self._epoll.unregister(fd)
                 conn.events = 0
             if conn.session is not None:
                 self.service.close_session(conn.session)
@@ -373,7 +378,7 @@ class ChannelServer:
             self._refuse(conn, f"uid {uid} already has {self._per_uid[uid]} connections to vattnd (the limit "
                                f"is {self.max_per_uid}); close some, or ask the operator")
             return
-        self._conns.add(conn)
+        self._by_fd[sock.fileno()] = conn
         self._per_uid[uid] += 1
         self._update(conn)
 
@@ -400,7 +405,7 @@ class ChannelServer:
             if self._refused_at_limit == 1:
                 log.warning("fd channel: at the open-file limit; refusing new connections, serving existing ones")
             self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
-            self._selector.unregister(self._listener)
+            self._epoll.unregister(self._listener.fileno())
 
     def _refuse(self, conn: Connection, reason: str) -> None:
         conn.send(cpb.ChannelMessage(refused=cpb.Refused(reason=reason)))
@@ -444,7 +449,7 @@ class ChannelServer:
             self._close(conn)
             return
         try:
-            if flags & socket.MSG_TRUNC:
+            if flags & wire.MSG_TRUNC:
                 raise wire.ProtocolError(f"a datagram over {wire.MAX_CALL_BYTES} bytes")
             msg = wire.decode(memoryview(self._buf)[:size])
             if msg.WhichOneof("kind") != "call":

@@ -103,7 +103,7 @@ class Session:
     tenant: str = DEFAULT_TENANT
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Grant:
     """Pages granted by one step (or taken as spares by a registration), and what must happen to them.
 
@@ -115,6 +115,7 @@ class Grant:
     with zeroed pages: another tenant held them last.
     """
 
+    # A value: nothing changes it once made (not frozen only because that makes it slow to make).
     grants: tuple[SlotGrant, ...]
     page_ids: tuple[PageId, ...]
     fresh: tuple[PageId, ...] = ()
@@ -133,7 +134,7 @@ class Grant:
 EMPTY_GRANT = Grant((), ())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shortage:
     """Why a step could not be granted; nothing changed. ``error()`` is what the caller is told.
 

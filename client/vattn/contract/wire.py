@@ -31,6 +31,9 @@ MAX_FDS_PER_MESSAGE = 253
 MAX_CALL_BYTES = 128 << 10
 # Largest datagram the daemon sends (the client's receive buffer).
 MAX_MESSAGE_BYTES = 1 << 20
+# recvmsg flags as plain ints (the socket module's enum members are slow to test).
+MSG_TRUNC = int(socket.MSG_TRUNC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Ancillary buffer for one datagram's fds.
 ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
