@@ -71,6 +71,8 @@ class Config:
     priorities: dict[str, int] = field(default_factory=dict)
     # Tenant -> Unix uids allowed to open sessions for it.
     tenant_uids: dict[str, set[int]] = field(default_factory=dict)
+    # Who gets a freed page back as it is: "session" (only its last holder) or "principal" (same uid and tenant).
+    reuse_pages: str = "session"
     rpc_threads: int = 16
     on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
 
@@ -172,7 +174,7 @@ class Daemon:
             self._pages_wanted[dev.index] = pages
         raise_nofile_limit(sum(self._pages_wanted.values()))
 
-        core = PoolCore(cfg.page_size)
+        core = PoolCore(cfg.page_size, reuse=cfg.reuse_pages)
         for dev in devices:
             core.add_device(dev.index)
         facts = ServerFacts(device_names={dev.index: dev.name for dev in devices})

@@ -52,6 +52,11 @@ class PoolCollector(Collector):
             "Used pages in slots whose request finished, kept mapped for the next one (reclaimable).",
             labels=["device", "name"],
         )
+        dirty = GaugeMetricFamily(
+            "vattnd_pool_dirty_pages",
+            "Free pages another session held last, not yet replaced by zeroed ones (the cleaner's backlog).",
+            labels=["device", "name"],
+        )
         used_bytes = GaugeMetricFamily(
             "vattnd_pool_used_bytes", "Bytes of the device's pool granted to sessions.", labels=["device", "name"]
         )
@@ -63,10 +68,12 @@ class PoolCollector(Collector):
             used_bytes.add_metric([d, n], dev.pages_used * snap.page_size)
             spare.add_metric([d, n], dev.pages_spare)
             idle.add_metric([d, n], dev.pages_idle)
+            dirty.add_metric([d, n], dev.pages_dirty)
         yield size
         yield pages
         yield spare
         yield idle
+        yield dirty
         yield used_bytes
         yield GaugeMetricFamily("vattnd_pool_page_size_bytes", "Size of one physical page.", value=snap.page_size)
         sessions = GaugeMetricFamily(
@@ -91,7 +98,7 @@ class PoolCollector(Collector):
             "vattnd_sessions_opened", "Sessions opened since start.", value=counters["sessions_opened"]
         )
         yield CounterMetricFamily(
-            "vattnd_pages_scrubbed", "Pages replaced by zeroed ones because they crossed tenants.",
+            "vattnd_pages_scrubbed", "Pages replaced by zeroed ones because they left a session.",
             value=counters["pages_scrubbed"],
         )
         yield CounterMetricFamily(

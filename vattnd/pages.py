@@ -1,8 +1,9 @@
 """The pages behind the pool core's page ids, and the effects on them the core asks for.
 
 The core names pages by id; this table knows each page's fd in the backend.
-It performs a grant's *replace* effect: a page another tenant held last is
-swapped for a zeroed one before its fd goes out. The replaced page's old fd
+It performs the pool core's *replace* effect: a page another session held
+last is swapped for a zeroed one before its fd goes out (in a grant, or
+ahead of need by the service's cleaner). The replaced page's old fd
 may still be on its way to its last holder (a send readied before the swap),
 so it is closed only once every send started before the swap has finished:
 each delivery holds a send ticket until its ``sent`` callback runs. No send
@@ -61,39 +62,48 @@ class PageTable:
         """
         if not pages:
             return NO_DELIVERY
-        fds = self.fds
         if replace:
             try:
-                new = self.backend.zeroed_pages(device, len(replace))
+                new = self.zeroed(device, len(replace))
             except Exception as exc:
                 log.error("cannot replace %d pages on device %d: %s", len(replace), device, exc)
                 raise ResourceExhausted(
-                    f"device {device}: {len(replace)} pages that another tenant held last must be replaced "
+                    f"device {device}: {len(replace)} pages that another session held last must be replaced "
                     f"with zeroed ones, and that failed ({exc}); retry, or give vattnd a smaller --pool-size "
                     "so the device keeps room to replace pages"
                 ) from exc
-            with self._lock:
-                # The old fds may still be on their way to their last holder:
-                # closed once every send readied before now is done.
-                self._retired.append((self._issued, device, [fds[p] for p in replace]))
-            for page, fd in zip(replace, new):
-                fds[page] = fd
-            self.replaced += len(replace)
+            self.swap(device, replace, new)
         self._issued += 1  # under the service lock, as every deliver
         ticket = self._issued
         self._sending.add(ticket)
+        fds = self.fds
         return Delivery([fds[p] for p in pages], lambda: self._done(ticket))
+
+    def zeroed(self, device: int, count: int) -> list[int]:
+        """``count`` new zeroed pages' fds, not in the table yet (all of them, or raises having made none)."""
+        return self.backend.zeroed_pages(device, count)
+
+    def swap(self, device: int, pages: Sequence[int], new: Sequence[int]) -> None:
+        """Puts new pages (from :meth:`zeroed`) in the place of ``pages``; the old ones are released
+        once no send readied before now can still carry their fds."""
+        fds = self.fds
+        with self._lock:
+            self._retired.append((self._issued, device, [fds[p] for p in pages]))
+        for page, fd in zip(pages, new):
+            fds[page] = fd
+        self.replaced += len(pages)
+        self._release_ready()
 
     def _done(self, ticket: int) -> None:
         # The steady state takes no lock: set.add/discard are atomic, and a
         # retirement that races with this check is released by the ticket
         # of the very delivery that retired it.
         self._sending.discard(ticket)
-        if not self._retired:
-            return
+        if self._retired:
+            self._release_ready()
+
+    def _release_ready(self) -> None:
         with self._lock:
-            if not self._retired:
-                return
             oldest = min(self._sending, default=self._issued + 1)
             ready = [entry for entry in self._retired if entry[0] < oldest]
             if not ready:

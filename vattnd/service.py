@@ -20,6 +20,7 @@ the only backend work done under it).
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import secrets
@@ -41,7 +42,18 @@ from vattn.contract.errors import (
 from vattn.v1 import channel_pb2 as cpb
 from vattn.v1 import vattn_pb2 as pb
 from vattnd.pages import PageTable
-from vattnd.pool.core import DEFAULT_TENANT, EMPTY_GRANT, Geometry, Grant, PoolCore, Region, Shortage, Snapshot
+from vattnd.pool.core import (
+    DEFAULT_TENANT,
+    EMPTY_GRANT,
+    Geometry,
+    Grant,
+    PoolCore,
+    Region,
+    Shortage,
+    Snapshot,
+    TenantUsage,
+    check,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,13 @@ log = logging.getLogger(__name__)
 RECLAIM_WAIT_S = 2.0
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_NAME = 200
+# Sessions and tenants listed in Stats (and /metrics) at most: the largest.
+MAX_LISTED = 1000
+# The cleaner replaces dirty pages in batches of this many, and keeps at
+# least this share of each pool clean (see vattnd.pool.free).
+CLEAN_BATCH = 64
+CLEAN_RESERVE = 1 / 16
+CLEAN_BACKOFF_S = 1.0
 
 DTYPE_SIZES = {
     pb.DTYPE_FLOAT16: 2,
@@ -212,6 +231,10 @@ class PoolService:
         self._waiting: list[Pending] = []
         self._deadlines = threading.Condition(self.lock)
         self._deadline_thread: threading.Thread | None = None
+        # The cleaner: replaces dirty free pages ahead of need (see vattnd.pool.free).
+        self._dirty = threading.Condition(self.lock)
+        self._cleaner: threading.Thread | None = None
+        self._clean_failed_at = 0.0
         self._closing = False
         self.started_at = clock()
         self.sessions_opened = 0
@@ -235,9 +258,11 @@ class PoolService:
             for p in waiting:
                 p.session.waiting = None
             self._deadlines.notify_all()
+            self._dirty.notify_all()
         self._finish([(p, Unavailable("vattnd is stopping")) for p in waiting])
-        if self._deadline_thread is not None:
-            self._deadline_thread.join()
+        for thread in (self._deadline_thread, self._cleaner):
+            if thread is not None:
+                thread.join()
 
     # ----- sessions (the transport reports connections) ---------------------
     def open_session(self, peer: Peer, name: str, tenant: str, outbox: Outbox) -> SessionHandle:
@@ -271,6 +296,7 @@ class PoolService:
             released = self.core.close_session(handle.id)
             self.sessions_closed += 1
             done = self._retry_waiting()
+            self._pages_returned()
         self._finish(done)
         log.info("session %d (pid %d) closed; %d pages returned to the pool", handle.id, handle.peer.pid,
                  len(released))
@@ -320,6 +346,7 @@ class PoolService:
         with self.lock:
             released = self.core.release_region(s.id, request.region_id)
             done = self._retry_waiting() if released else []
+            self._pages_returned()
         self._finish(done)
         return Reply(pb.ReleaseRegionReply(pages_released=len(released)))
 
@@ -344,7 +371,11 @@ class PoolService:
     def _shrink(self, s: SessionHandle, region_id: int, slot: int, tokens: int) -> Reply:
         with self.lock:
             keep, released = self.core.shrink(s.id, region_id, slot, tokens)
-            done = self._retry_waiting() if released and self._waiting else []
+            done = []
+            if released:
+                if self._waiting:
+                    done = self._retry_waiting()
+                self._pages_returned()
         self._finish(done)
         return Reply(pb.ShrinkReply(pages_per_tensor=keep, pages_released=len(released)))
 
@@ -354,7 +385,8 @@ class PoolService:
             if isinstance(outcome, Reply):
                 return outcome
             asks = [(self._by_id[sid], pages) for sid, pages in outcome.reclaim if sid in self._by_id]
-            if not asks or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
+            # Worth waiting for: idle pages other sessions can give back, or pages being replaced.
+            if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
             pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
             self._waiting.append(pending)
@@ -362,9 +394,19 @@ class PoolService:
             self._arm()
         for handle, pages in asks:
             handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages)))
-        log.info("pool of device %d short by %d pages: asked %d sessions for idle pages", outcome.device,
-                 outcome.shortfall, len(asks))
+        if asks:
+            log.info("pool of device %d short by %d pages: asked %d sessions for idle pages", outcome.device,
+                     outcome.shortfall, len(asks))
         return pending
+
+    def abandon(self, pending: Pending, error: VattnError) -> None:
+        """Ends a waiting grant now with ``error`` (its caller cannot wait)."""
+        with self.lock:
+            if pending not in self._waiting:
+                return  # already done
+            self._waiting.remove(pending)
+            pending.session.waiting = None
+        pending._complete(error)
 
     def _try_grant(self, s: SessionHandle, region_id: int, entries) -> Reply | Shortage:
         """One attempt (self.lock held): the reply with its fds, or the shortage (nothing changed)."""
@@ -450,13 +492,59 @@ class PoolService:
                     done.append((p, outcome))
             self._finish(done)
 
+    # ----- the cleaner ------------------------------------------------------
+    def _pages_returned(self) -> None:
+        """Pages came back dirty (self.lock held): the cleaner has work, maybe."""
+        if self._cleaner is None and not self._closing:
+            self._cleaner = threading.Thread(target=self._clean_loop, name="vattnd-cleaner", daemon=True)
+            self._cleaner.start()
+        self._dirty.notify()
+
+    def _clean_work(self) -> tuple[int, list[int]] | None:
+        """A batch of dirty pages to replace (self.lock held), or None."""
+        if time.monotonic() < self._clean_failed_at + CLEAN_BACKOFF_S:
+            return None
+        core = self.core
+        for device in core.devices:
+            reserve = max(1, int(core.snapshot_total(device) * CLEAN_RESERVE))
+            pages = core.to_clean(device, CLEAN_BATCH, reserve)
+            if pages:
+                return device, pages
+        return None
+
+    def _clean_loop(self) -> None:
+        """Replaces dirty free pages ahead of need, so grants find clean ones (no replacing inline)."""
+        while True:
+            with self.lock:
+                while not self._closing and (work := self._clean_work()) is None:
+                    self._dirty.wait(CLEAN_BACKOFF_S)
+                if self._closing:
+                    return
+            device, pages = work
+            try:
+                new = self.pages.zeroed(device, len(pages))
+            except Exception as exc:  # noqa: BLE001 - out of memory or files: grants replace inline meanwhile
+                with self.lock:
+                    self.core.not_cleaned(device, pages)
+                    first = time.monotonic() - self._clean_failed_at > 60.0
+                    self._clean_failed_at = time.monotonic()
+                if first:
+                    log.warning("cannot replace %d dirty pages of device %d ahead of need (%s); retrying",
+                                len(pages), device, exc)
+                continue
+            with self.lock:
+                self.pages.swap(device, pages, new)
+                self.core.cleaned(device, pages)
+                done = self._retry_waiting() if self._waiting else []
+            self._finish(done)
+
     # ----- observing and operating -----------------------------------------
     def _pools(self, snap: Snapshot) -> list[pb.DevicePool]:
         names = self.facts.device_names
         return [
             pb.DevicePool(device=d.device, name=names.get(d.device, ""), pages_total=d.pages_total,
                           pages_free=d.pages_free, pages_used=d.pages_used, page_size=snap.page_size,
-                          pages_spare=d.pages_spare, pages_idle=d.pages_idle)
+                          pages_spare=d.pages_spare, pages_idle=d.pages_idle, pages_dirty=d.pages_dirty)
             for d in snap.devices
         ]
 
@@ -473,25 +561,29 @@ class PoolService:
         now = self.clock()
         reply = pb.StatsReply(version=vattnd.__version__, backend=BACKENDS[self.backend.kind],
                               pools=self._pools(snap), uptime_seconds=now - self.started_at)
-        if full:
+        if full:  # bounded, whatever the number of sessions and tenants: the largest first
+            sessions = heapq.nlargest(MAX_LISTED, snap.sessions, key=lambda s: (s.pages, -s.id))
             reply.sessions.extend(
                 pb.SessionInfo(session_id=s.id, pid=s.pid, uid=s.uid, gid=s.gid, name=s.name, tenant=s.tenant,
                                pages=s.pages, regions=s.regions, age_seconds=max(0.0, now - s.opened_at))
-                for s in snap.sessions
+                for s in sorted(sessions, key=lambda s: s.id)
             )
-            reply.tenants.extend(tenant_info(t) for t in snap.tenants)
+            tenants = heapq.nlargest(MAX_LISTED, snap.tenants, key=lambda t: (t.pages, t.sessions))
+            reply.tenants.extend(tenant_info(t) for t in sorted(tenants, key=lambda t: t.name))
+            reply.sessions_omitted = len(snap.sessions) - len(sessions)
+            reply.tenants_omitted = len(snap.tenants) - len(tenants)
         return Reply(reply)
 
     def audit(self) -> Reply:
         """Checks the core's invariants (Internal if broken)."""
-        with self.lock:
-            try:
-                self.core.check_invariants()
-            except AssertionError as exc:
-                log.error("audit failed: %s", exc)
-                raise Internal(f"pool invariant broken: {exc}") from None
-            owned = len(self.core.owners())
+        with self.lock:  # copying the state is quick; checking it happens without the lock
+            view = self.core.audit_view()
             snap = self.core.snapshot()
+        try:
+            owned = check(view)
+        except AssertionError as exc:
+            log.error("audit failed: %s", exc)
+            raise Internal(f"pool invariant broken: {exc}") from None
         return Reply(pb.AuditReply(pages_total=sum(d.pages_total for d in snap.devices),
                                    pages_free=sum(d.pages_free for d in snap.devices), pages_owned=owned,
                                    sessions=len(snap.sessions)))
@@ -505,7 +597,8 @@ class PoolService:
         with self.lock:
             self.core.set_quota(tenant, self.core.quota(tenant) if request.keep_quota else pages, priority)
             done = self._retry_waiting()  # a raised quota may let a waiting grant through
-            info = next(t for t in self.core.tenants() if t.name == tenant)
+            # A tenant with no quota, priority or session left is forgotten: it reads as empty.
+            info = next((t for t in self.core.tenants() if t.name == tenant), TenantUsage(tenant, 0, None, 0, 0))
         self._finish(done)
         log.info("tenant %s: quota %s pages, priority %s", tenant,
                  "unchanged" if request.keep_quota else pages, priority)

@@ -148,8 +148,12 @@ class JsonFormatter(logging.Formatter):
               help="Group given the worker sockets (mode 0660). [default: the daemon's]")
 @click.option("--admin-group", envvar="VATTND_ADMIN_GROUP", default=None,
               help="Group that may use the admin socket (SOCKET.admin). [default: owner only]")
+@click.option("--reuse-pages", envvar="VATTND_REUSE_PAGES", type=click.Choice(["session", "principal"]),
+              default="session", show_default=True,
+              help="Who gets a freed page back as it is: only the session that held it (others get it replaced "
+                   "by a zeroed page), or also other sessions of the same Unix user and tenant.")
 def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level, log_format,
-          quotas, priorities, tenant_uids, socket_group, admin_group) -> None:
+          quotas, priorities, tenant_uids, socket_group, admin_group, reuse_pages) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json"
@@ -161,7 +165,7 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
         socket=socket_path, backend=backend, pool_size=pool_size, page_size=page_size,
         metrics_port=None if metrics_port == -1 else metrics_port, metrics_host=metrics_host, devices=devices,
         quotas=quotas, priorities=priorities, tenant_uids=tenant_uids, socket_group=socket_group,
-        admin_group=admin_group,
+        admin_group=admin_group, reuse_pages=reuse_pages,
     )
     daemon = Daemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())

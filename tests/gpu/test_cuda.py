@@ -234,29 +234,39 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
         assert d2.stop() == 0, d2.log()
 
 
-def test_gpu_pages_crossing_tenants_arrive_zeroed(gpu_daemon):
-    """The CUDA scrub: a page another tenant wrote comes to the next tenant as a new, zeroed page."""
-    geometry = dict(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=2, max_context=2048,
-                    dtype=torch.float16, prefetch_pages=0)  # 1024 tokens a page
-    with vattn.connect(gpu_daemon.socket, tenant="first") as a:
-        ca = a.kv_cache(**geometry)
-        reply, fds = a.session.grow(ca.region_id, 0, 2048)  # 2 pages x 2 tensors
-        ca._map(reply, fds)
-        ca.k[0][0].fill_(7.0)
-        ca.v[0][0].fill_(7.0)
-        torch.cuda.synchronize()
-        pages_a = set(reply.page_ids)
-        ca.free(0)
-        with vattn.connect(gpu_daemon.socket, tenant="second") as b:
-            cb = b.kv_cache(**geometry)
-            reply_b, fds_b = b.session.grow(cb.region_id, 0, 2048)
-            cb._map(reply_b, fds_b)
-            assert set(reply_b.page_ids) == pages_a  # the same page ids, replaced underneath
-            assert torch.all(cb.k[0][0] == 0) and torch.all(cb.v[0][0] == 0)
-            cb.k[0][0].fill_(9.0)
-            torch.cuda.synchronize()
-            cb.close()
-        ca.close()
+def test_gpu_pages_leaving_a_session_arrive_zeroed(short_tmp):
+    """The CUDA replacement: a page another session wrote comes to the next one as a new, zeroed page."""
     from tests.integration.test_ops import scrape, value
 
-    assert value(scrape(gpu_daemon.metrics_url), "vattnd_pages_scrubbed_total") == len(pages_a) == 4
+    # Four pages in all: the second session's grant must take the pages the first gave back.
+    d = start_daemon(short_tmp, "--devices", "0", backend="cuda", pool_size="8MiB", page_size="2MiB")
+    geometry = dict(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=2, max_context=2048,
+                    dtype=torch.float16, prefetch_pages=0)  # 1024 tokens a page
+    try:
+        with vattn.connect(d.socket, tenant="first") as a:
+            ca = a.kv_cache(**geometry)
+            slot = ca.alloc()
+            reply, fds = a.session.grow(ca.region_id, slot, 2048)  # 2 pages x 2 tensors: the whole pool
+            ca._map(reply, fds)
+            ca.k[0][slot].fill_(7.0)
+            ca.v[0][slot].fill_(7.0)
+            torch.cuda.synchronize()
+            pages_a = set(reply.page_ids)
+            ca.free(slot)
+            for tenant in ("first", "second"):  # another session of the same tenant, and another tenant
+                with vattn.connect(d.socket, tenant=tenant) as b:
+                    cb = b.kv_cache(**geometry)
+                    slot_b = cb.alloc()
+                    reply_b, fds_b = b.session.grow(cb.region_id, slot_b, 2048)
+                    cb._map(reply_b, fds_b)
+                    assert set(reply_b.page_ids) == pages_a  # the same page ids, replaced underneath
+                    assert torch.all(cb.k[0][slot_b] == 0) and torch.all(cb.v[0][slot_b] == 0)
+                    cb.k[0][slot_b].fill_(9.0)
+                    torch.cuda.synchronize()
+                    cb.close()
+            ca.close()
+        assert value(scrape(d.metrics_url), "vattnd_pages_scrubbed_total") >= 2 * len(pages_a) == 8
+        assert d.wait_used_pages(0) == 0
+    finally:
+        assert d.stop() == 0, d.log()
+    assert "Traceback" not in d.log(), d.log()

@@ -156,44 +156,59 @@ def test_other_users_are_kept_out_unless_the_group_lets_them_in(short_tmp):
         assert d.stop() == 0
 
 
-def test_pages_crossing_tenants_are_zeroed_and_stale_holders_see_nothing_new(tenant_daemon):
+@pytest.mark.parametrize("reuse", ["session", "principal"])
+def test_pages_leaving_a_session_are_zeroed_and_stale_holders_see_nothing_new(short_tmp, reuse):
     import mmap
 
     import torch
 
     from tests.integration.test_ops import scrape, value
 
-    d = tenant_daemon
-    geometry = dict(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
-    with vattn.connect(d.socket, tenant="big") as a:
-        ca = a.kv_cache(**geometry)
-        # A misbehaving worker of tenant "big": it maps page fds itself and never unmaps.
-        reply, fds = a.session.grow(ca.region_id, 0, 512)  # 2 pages x 2 tensors
-        stale = [mmap.mmap(fd, ca.page_size) for fd in fds]
-        for fd in fds:
-            os.close(fd)
-        for m in stale:
-            m[:] = b"\x07" * len(m)
-        pages_a = set(reply.page_ids)
-        a.session.free(ca.region_id, 0)  # gives the pages back but keeps its mappings
-        # The same tenant gets its own pages back as they are (no scrub needed).
-        with vattn.connect(d.socket, tenant="big") as a2:
-            c2 = a2.kv_cache(**geometry)
-            c2.grow(0, 512)
-            assert torch.all(c2.k[0][0, :512].view(torch.uint8) == 7)
-        # Another tenant gets the same page ids as fresh, zeroed pages.
-        with vattn.connect(d.socket, tenant="other") as b:
-            cb = b.kv_cache(**geometry)
-            reply_b, fds_b = b.session.grow(cb.region_id, 0, 512)
-            cb._map(reply_b, fds_b)
-            assert set(reply_b.page_ids) == pages_a
-            assert torch.all(cb.k[0][0, :512] == 0) and torch.all(cb.v[0][0, :512] == 0)
-            cb.k[0][0, :512] = 9.0
-            cb.v[0][0, :512] = 9.0
-            # What tenant "big" still maps is its own old memory, not tenant "other"'s.
-            assert all(m[:] == b"\x07" * len(m) for m in stale)
-            cb.free(0)
-        samples = scrape(d.metrics_url)
-        assert value(samples, "vattnd_pages_scrubbed_total") == 4
-        for m in stale:
-            m.close()
+    # 64 pages of 64 KiB; one slot at max_context takes them all (32 pages x 2 tensors).
+    d = start_daemon(short_tmp, "--reuse-pages", reuse, pool_size="4MiB", page_size="64KiB")
+    geometry = dict(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=1, max_context=8192)  # 256 tokens a page
+    page = 64 * 1024
+
+    def sevens(cache) -> int:
+        return sum(int((t[0].contiguous().view(torch.uint8) == 7).sum()) for t in (cache.k[0], cache.v[0]))
+
+    try:
+        with vattn.connect(d.socket, tenant="big") as a:
+            ca = a.kv_cache(**geometry)
+            # A misbehaving worker: it maps page fds itself and never unmaps.
+            reply, fds = a.session.grow(ca.region_id, 0, 512)  # 2 pages x 2 tensors
+            stale = [mmap.mmap(fd, page) for fd in fds]
+            for fd in fds:
+                os.close(fd)
+            for m in stale:
+                m[:] = b"\x07" * page
+            a.session.free(ca.region_id, 0)  # gives the pages back but keeps its mappings
+            # Another session of the same user and tenant takes every page, the first worker's too: they
+            # come zeroed, unless the operator lets a principal's sessions share pages as they are.
+            with vattn.connect(d.socket, tenant="big") as a2:
+                c2 = a2.kv_cache(**geometry)
+                c2.grow(c2.alloc(), 8192)
+                assert sevens(c2) == (4 * page if reuse == "principal" else 0)
+                c2.k[0][0] = 5.0
+                c2.v[0][0] = 5.0
+                if reuse == "session":
+                    assert all(m[:] == b"\x07" * page for m in stale)  # its old memory, not a2's
+                c2.free(0)
+            # Another tenant takes every page: always zeroed, and the stale mappings see nothing of it
+            # (with reuse=principal they show what a2, the same principal, wrote).
+            before = [m[:] for m in stale]
+            with vattn.connect(d.socket, tenant="other") as b:
+                cb = b.kv_cache(**geometry)
+                cb.grow(cb.alloc(), 8192)
+                assert torch.all(cb.k[0][0] == 0) and torch.all(cb.v[0][0] == 0)
+                cb.k[0][0] = 9.0
+                cb.v[0][0] = 9.0
+                assert [m[:] for m in stale] == before
+                cb.free(0)
+            scrubbed = value(scrape(d.metrics_url), "vattnd_pages_scrubbed_total")
+            assert scrubbed >= (64 if reuse == "principal" else 68), scrubbed
+            for m in stale:
+                m.close()
+        assert d.wait_used_pages(0) == 0
+    finally:
+        assert d.stop() == 0, d.log()

@@ -35,9 +35,7 @@ def fresh(pages=64, devices=(0,)):
 
 def state(core: PoolCore):
     """Everything observable, for 'a failed call changes nothing' checks."""
-    regions = {r.id: (list(r.spare), set(r.idle), {slot: list(v) for slot, v in r.slots.items()})
-               for r in core._regions.values()}
-    return (copy.deepcopy(core._free), core.owners(), core.snapshot(), regions, list(core._holder))
+    return core.audit_view(), core.snapshot()
 
 
 def short(result) -> ResourceExhausted:
@@ -225,6 +223,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.spares: dict[int, list[int]] = {}  # region -> [spares held, target]
         self.idle: set[tuple[int, int]] = set()  # (region, slot) parked with pages
         self.quota: dict[str, int | None] = {}
+        self.last: dict[int, int] = {}  # page -> session that held it last (absent: clean)
 
     def _pages_per_tensor(self, g: Geometry, tokens: int) -> int:
         return -(-tokens * g.token_bytes // PAGE)
@@ -286,6 +285,25 @@ class PoolMachine(RuleBasedStateMachine):
         self.spares[region.id] = [0, spare]
         self._top_up(region.id)
         assert list(spares.spare_added) == region.spare and len(region.spare) == self.spares[region.id][0]
+        self._claimed(spares, sid)
+
+    def _claimed(self, grant, sid: int) -> None:
+        """A page goes to a session as it is only if that session held it last, or nobody did."""
+        assert set(grant.replace) == {p for p in grant.fd_pages if self.last.get(p, sid) != sid}
+        for p in grant.fd_pages:
+            self.last[p] = sid
+
+    @rule(device=st.sampled_from([0, 1]), n=st.integers(0, 30), reserve=st.integers(0, 40), ok=st.booleans())
+    def clean(self, device, n, reserve, ok):
+        pages = self.core.to_clean(device, n, reserve)
+        assert len(pages) <= n and all(p in self.last for p in pages)
+        self.core.check_invariants()
+        if ok:
+            self.core.cleaned(device, pages)
+            for p in pages:
+                del self.last[p]
+        else:
+            self.core.not_cleaned(device, pages)
 
     @precondition(lambda self: self.regions)
     @rule(data=st.data(), foreign=st.booleans(), revert=st.booleans())
@@ -337,6 +355,8 @@ class PoolMachine(RuleBasedStateMachine):
             return
         grant = self.core.step(sid, rid, entries)
         assert len(grant.page_ids) == want
+        if not revert:
+            self._claimed(grant, sid)
         if revert:  # the service could not deliver the pages: undone, as if refused
             self.core.revert(sid, rid, grant)
             assert state(self.core) == before
@@ -447,25 +467,76 @@ def test_tenant_quotas_bound_grants_and_spares():
         core.set_quota("a", -1)
 
 
-def test_pages_another_tenant_held_last_must_be_replaced_and_revert_forgets_it():
+def test_a_page_another_session_held_is_replaced_before_it_is_granted_and_revert_forgets_it():
     core = PoolCore(PAGE, {0: 8})
-    a = core.open_session(1, 0, 0, "a", 0.0, tenant="a").id
-    a2 = core.open_session(2, 0, 0, "a2", 0.0, tenant="".join(["a"])).id  # an equal, distinct string
-    b = core.open_session(3, 0, 0, "b", 0.0, tenant="b").id
-    ra, ra2, rb = (register(core, sid, geo(layers=1), 0) for sid in (a, a2, b))  # 2 tensors
-    first = core.grow(a, ra.id, 0, 16)
-    assert first.replace == ()  # never held: nothing to replace
+    a, a2, b = (core.open_session(i, 0, 0, "w", 0.0, tenant=t).id for i, t in ((1, "a"), (2, "a"), (3, "b")))
+    ra, ra2, rb = (register(core, sid, geo(layers=1), 0) for sid in (a, a2, b))  # 2 tensors, 16 tokens a page
+    first = core.grow(a, ra.id, 0, 16)  # 2 clean pages
+    assert first.replace == () and core.dirty_pages(0) == 0
     core.shrink(a, ra.id, 0, 0)
-    assert core.grow(a2, ra2.id, 0, 16).replace == ()  # the same tenant again
-    core.shrink(a2, ra2.id, 0, 0)
+    assert core.dirty_pages(0) == 2 and core.free_pages(0) == 8
+    again = core.grow(a, ra.id, 1, 16)  # a's own pages come back to it as they are
+    assert set(again.page_ids) == set(first.page_ids) and again.replace == ()
+    core.shrink(a, ra.id, 1, 0)
+    assert core.grow(a2, ra2.id, 0, 16 * 3).replace == ()  # clean pages before anyone else's
     before = state(core)
-    grant = core.grow(b, rb.id, 0, 16)
+    grant = core.grow(b, rb.id, 0, 16)  # only a's dirty pages are left for b: replaced first
     assert set(grant.replace) == set(first.page_ids) and grant.fd_pages == grant.fresh
     core.revert(b, rb.id, grant)  # replacing failed: a later grant must replace them again
     assert state(core) == before
     assert core.grow(b, rb.id, 0, 16).replace == grant.replace
-    core.shrink(b, rb.id, 0, 0)
-    assert core.grow(b, rb.id, 1, 16).replace == ()  # b's own now
+    core.check_invariants()
+
+
+def test_the_operator_may_let_a_principal_share_pages_as_they_are():
+    core = PoolCore(PAGE, {0: 4}, reuse="principal")
+    a = core.open_session(1, 1000, 0, "a", 0.0, tenant="t").id
+    a2 = core.open_session(2, 1000, 0, "a2", 0.0, tenant="t").id  # the same uid and tenant
+    other_uid = core.open_session(3, 1001, 0, "x", 0.0, tenant="t").id
+    ra, ra2, rx = (register(core, sid, geo(layers=1), 0) for sid in (a, a2, other_uid))
+    pages = core.grow(a, ra.id, 0, 32).page_ids  # all 4
+    core.shrink(a, ra.id, 0, 0)
+    assert core.grow(a2, ra2.id, 0, 16).replace == ()  # the same principal: as they are
+    core.close_session(a)
+    grant = core.grow(other_uid, rx.id, 0, 16)
+    assert set(grant.replace) == set(grant.fresh) and set(grant.fresh) <= set(pages)  # another uid: replaced
+    core.check_invariants()
+
+
+def test_a_cleaner_replaces_the_dirty_pages_of_ended_sessions_first_then_keeps_a_reserve():
+    core = PoolCore(PAGE, {0: 12})
+    a, b = (core.open_session(i, 0, 0, "w", 0.0).id for i in (1, 2))
+    ra, rb = (register(core, sid, geo(layers=1), 0) for sid in (a, b))
+    core.grow(a, ra.id, 0, 16 * 2)  # 4 pages
+    core.grow(b, rb.id, 0, 16 * 3)  # 6 pages
+    core.shrink(a, ra.id, 0, 0)
+    core.close_session(b)  # b's 6 pages: nobody can reuse them as they are
+    assert (core.clean_pages(0), core.dirty_pages(0)) == (2, 10)
+    out = core.to_clean(0, 100, reserve=0)
+    assert len(out) == 6  # only the orphans, while no reserve is asked
+    assert core.free_pages(0) == 6 and core.snapshot().devices[0].pages_free == 12
+    shortage = core.grow(a, ra.id, 1, 16 * 5)  # 10 pages: 6 are out for cleaning
+    assert isinstance(shortage, Shortage) and shortage.cleaning == 6
+    core.cleaned(0, out)
+    assert (core.clean_pages(0), core.dirty_pages(0)) == (8, 4)
+    out = core.to_clean(0, 100, reserve=10)  # a's own dirty pages too, up to the reserve
+    assert len(out) == 2
+    core.not_cleaned(0, out)  # replacing failed: dirty again
+    assert (core.clean_pages(0), core.dirty_pages(0)) == (8, 4)
+    grant = core.grow(a, ra.id, 1, 16 * 2)  # a's own dirty pages first
+    assert grant.replace == () and core.dirty_pages(0) == 0
+    core.check_invariants()
+
+
+def test_tenants_are_forgotten_when_nothing_holds_or_configures_them():
+    core = PoolCore(PAGE, {0: 8})
+    sids = [core.open_session(i, 0, 0, "w", 0.0, tenant=f"t{i}").id for i in range(50)]
+    core.set_quota("kept", 4)
+    for sid in sids:
+        core.close_session(sid)
+    assert [t.name for t in core.tenants()] == ["kept"]
+    core.set_quota("kept", None)
+    assert core.tenants() == []
 
 
 def test_a_short_pool_names_whom_to_ask_for_idle_pages():

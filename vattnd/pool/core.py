@@ -28,6 +28,16 @@ background and a grant takes them first (oldest first), which keeps the
 import off the grow's critical path. Each grant tops the spares up again from
 the free list, best effort: a shortage of spares never fails a call.
 
+Who may see a page (vattnd.pool.free): a page that leaves a session is
+*dirty* until it has been replaced with a zeroed page, because the process
+that held it may have kept a mapping or an imported handle. A grant takes
+the requester's own dirty pages first, then clean ones, then others' dirty
+pages, which the Grant names in ``replace``: so no page ever reaches a
+session while an earlier holder other than that session can still reach
+its memory. ``reuse="principal"`` (the operator's choice) lets sessions of
+the same Unix user and tenant share dirty pages as they are. A cleaner
+(:meth:`PoolCore.to_clean`) replaces dirty pages ahead of need.
+
 Idle slots (deferred reclamation): a slot whose request finished may keep its
 pages (``park``); they still count as its session's, and when the pool runs
 short the core names the sessions holding idle pages (lower tenant priority,
@@ -41,12 +51,17 @@ from typing import Mapping, NewType, Sequence
 from vattn.contract.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from vattn.contract.layout import MAX_SPARE, Geometry, Layout, SlotGrant, spares_used
 from vattn.contract.units import format_size
+from vattnd.pool.free import FreePages, Key
 
 PageId = NewType("PageId", int)
 SessionId = NewType("SessionId", int)
 RegionId = NewType("RegionId", int)
 
 DEFAULT_TENANT = "default"
+# Regions one session may hold at once (each costs the daemon a little memory, whatever its pages).
+MAX_REGIONS_PER_SESSION = 256
+# Who may reuse a page another session held, without it being replaced first.
+REUSE_POLICIES = ("session", "principal")
 
 __all__ = [
     "DEFAULT_TENANT", "EMPTY_GRANT", "DeviceUsage", "Geometry", "Grant", "PageId", "PoolCore", "Region",
@@ -101,6 +116,8 @@ class Session:
     regions: dict[RegionId, Region] = field(default_factory=dict)
     pages: int = 0
     tenant: str = DEFAULT_TENANT
+    # Whose pages it may reuse as they are: its own (its id), or its principal's.
+    key: Key = None
 
 
 @dataclass(slots=True)
@@ -123,8 +140,8 @@ class Grant:
     # Slots that were idle (parked) before this step made them serve again.
     reactivated: tuple[int, ...] = ()
     replace: tuple[PageId, ...] = ()
-    # (page, holder before this grant) of every page whose last holder it changed: what revert restores.
-    previous_holders: tuple[tuple[PageId, str | None], ...] = ()
+    # Where each of fd_pages came from in the free pages (a holder key; None: clean), for revert.
+    sources: tuple[Key | None, ...] = ()
 
     @property
     def fd_pages(self) -> tuple[PageId, ...]:
@@ -141,6 +158,7 @@ class Shortage:
     ``reclaim`` names the other sessions holding idle pages on the device
     (whom to ask first, pages to ask each) that together could cover the
     shortfall; empty when none could, or when the limit is the tenant's quota.
+    ``cleaning`` pages are being replaced and will be free again shortly.
     """
 
     device: int
@@ -153,6 +171,7 @@ class Shortage:
     quota: int | None = None  # set when the tenant's quota is the limit
     held: int = 0  # pages the tenant holds (with quota)
     reclaim: tuple[tuple[SessionId, int], ...] = ()
+    cleaning: int = 0  # pages out for cleaning, back in moments
 
     @property
     def over_quota(self) -> bool:
@@ -187,6 +206,8 @@ class DeviceUsage:
     pages_free: int
     pages_spare: int = 0
     pages_idle: int = 0
+    # Free pages still to be replaced before another session may have them.
+    pages_dirty: int = 0
 
     @property
     def pages_used(self) -> int:
@@ -224,24 +245,36 @@ class Snapshot:
 
 
 class PoolCore:
-    """Page pools of one or more devices and the sessions that hold pages."""
+    """Page pools of one or more devices and the sessions that hold pages.
 
-    def __init__(self, page_size: int, pages_per_device: Mapping[int, int] | None = None):
+    ``reuse``: "session" (default) — a page goes back as it is only to the
+    session that held it last, to anyone else only replaced; "principal" —
+    also to other sessions of the same Unix user and tenant.
+    """
+
+    def __init__(self, page_size: int, pages_per_device: Mapping[int, int] | None = None, reuse: str = "session"):
         if page_size <= 0:
             raise ValueError("page_size must be positive")
+        if reuse not in REUSE_POLICIES:
+            raise ValueError(f"reuse must be one of {REUSE_POLICIES}")
         self.page_size = page_size
+        self.reuse = reuse
         self._total: dict[int, int] = {}
-        # Free pages per device, a stack: grants pop from the end.
-        self._free: dict[int, list[PageId]] = {}
+        self._free: dict[int, FreePages] = {}
         # Per page, indexed by page id (ids are dense and given in the order
-        # pages are added, whatever the device): its device, and the tenant
-        # whose session held it last (None: never held, or replaced since).
+        # pages are added, whatever the device): its device, and the key of
+        # its last holder (None: never held, or replaced since).
         self._device_of: list[int] = []
-        self._holder: list[str | None] = []
+        self._holder: list[Key | None] = []
+        # Pages out for cleaning, and the holder each had.
+        self._cleaning: dict[PageId, Key] = {}
         self._sessions: dict[SessionId, Session] = {}
         self._regions: dict[RegionId, Region] = {}
-        # Tenants: pages held (all their sessions), quotas (pages) and priorities.
+        # Sessions per holder key (a principal's key is shared by its sessions).
+        self._key_sessions: dict[Key, int] = {}
+        # Tenants: pages held (all their sessions), sessions, quotas (pages) and priorities.
         self._tenant_pages: dict[str, int] = {}
+        self._tenant_sessions: dict[str, int] = {}
         self._quota: dict[str, int] = {}
         self._priority: dict[str, int] = {}
         self._next_session = 1
@@ -255,7 +288,7 @@ class PoolCore:
         if device in self._total:
             raise ValueError(f"device {device} already has a pool")
         self._total[device] = 0
-        self._free[device] = []
+        self._free[device] = FreePages()
 
     def add_pages(self, device: int, count: int) -> range:
         """Adds ``count`` new free pages to ``device``'s pool; returns their ids.
@@ -265,14 +298,12 @@ class PoolCore:
         """
         if count < 0:
             raise ValueError("count must not be negative")
-        free = self._free[device]
         first = len(self._device_of)
         ids = range(first, first + count)
         self._device_of.extend([device] * count)
         self._holder.extend([None] * count)
         self._total[device] += count
-        # Below the pages already free, in reverse: grants keep taking the lowest ids first.
-        free[:0] = reversed(ids)
+        self._free[device].add_clean(ids)
         return ids
 
     # ----- queries ---------------------------------------------------------
@@ -283,7 +314,12 @@ class PoolCore:
     def device_of(self, page: int) -> int:
         return self._device_of[page]
 
+    def snapshot_total(self, device: int) -> int:
+        """Pages in ``device``'s pool."""
+        return self._total[device]
+
     def free_pages(self, device: int) -> int:
+        """Pages a grant on ``device`` can take now."""
         return len(self._free[device])
 
     def session(self, sid: int) -> Session:
@@ -311,12 +347,14 @@ class PoolCore:
         for region in self._regions.values():
             spare[region.device] = spare.get(region.device, 0) + len(region.spare)
             idle[region.device] = idle.get(region.device, 0) + region.idle_pages()
+        devices = []
+        for d in self.devices:
+            free = self._free[d]
+            devices.append(DeviceUsage(d, self._total[d], len(free) + free.cleaning, spare.get(d, 0), idle.get(d, 0),
+                                       free.dirty_count + free.cleaning))
         return Snapshot(
             page_size=self.page_size,
-            devices=tuple(
-                DeviceUsage(d, self._total[d], len(self._free[d]), spare.get(d, 0), idle.get(d, 0))
-                for d in self.devices
-            ),
+            devices=tuple(devices),
             sessions=tuple(
                 SessionUsage(s.id, s.pid, s.uid, s.gid, s.name, s.opened_at, s.pages, len(s.regions), s.tenant)
                 for s in self._sessions.values()
@@ -329,9 +367,12 @@ class PoolCore:
                      tenant: str = DEFAULT_TENANT) -> Session:
         sid = SessionId(self._next_session)
         self._next_session += 1
-        session = Session(sid, pid, uid, gid, name, now, tenant=tenant)
+        key: Key = sid if self.reuse == "session" else (uid, tenant)
+        session = Session(sid, pid, uid, gid, name, now, tenant=tenant, key=key)
         self._sessions[sid] = session
+        self._key_sessions[key] = self._key_sessions.get(key, 0) + 1
         self._tenant_pages.setdefault(tenant, 0)
+        self._tenant_sessions[tenant] = self._tenant_sessions.get(tenant, 0) + 1
         return session
 
     def close_session(self, sid: int) -> list[PageId]:
@@ -341,6 +382,18 @@ class PoolCore:
         for region_id in list(session.regions):
             released.extend(self._drop_region(session, region_id))
         del self._sessions[session.id]
+        key = session.key
+        self._key_sessions[key] -= 1
+        if not self._key_sessions[key]:  # nobody can reuse its dirty pages as they are any more
+            del self._key_sessions[key]
+            for free in self._free.values():
+                free.orphan(key)
+        tenant = session.tenant
+        self._tenant_sessions[tenant] -= 1
+        if not self._tenant_sessions[tenant]:
+            del self._tenant_sessions[tenant]
+            if tenant not in self._quota and tenant not in self._priority:
+                del self._tenant_pages[tenant]  # forgotten: nothing held, nothing configured
         return released
 
     def _charge(self, session: Session, pages: int) -> None:
@@ -352,7 +405,8 @@ class PoolCore:
         """Sets a tenant's page quota (None: unlimited) and priority.
 
         Lowering a quota below what the tenant holds takes nothing back; its
-        next grants are refused until it is under the quota again.
+        next grants are refused until it is under the quota again. A tenant
+        with neither quota nor priority nor sessions is forgotten.
         """
         if pages is not None and pages < 0:
             raise InvalidArgument(f"quota for {tenant!r} must not be negative")
@@ -362,7 +416,10 @@ class PoolCore:
             self._quota[tenant] = pages
         if priority is not None:
             self._priority[tenant] = priority
-        self._tenant_pages.setdefault(tenant, 0)
+        if tenant in self._quota or tenant in self._priority or tenant in self._tenant_sessions:
+            self._tenant_pages.setdefault(tenant, 0)
+        else:
+            self._tenant_pages.pop(tenant, None)
 
     def quota(self, tenant: str) -> int | None:
         return self._quota.get(tenant)
@@ -374,12 +431,8 @@ class PoolCore:
         return self._priority.get(tenant, 0)
 
     def tenants(self) -> list[TenantUsage]:
-        counts: dict[str, int] = {}
-        for s in self._sessions.values():
-            counts[s.tenant] = counts.get(s.tenant, 0) + 1
-        names = sorted(set(self._tenant_pages) | set(self._quota))
         return [TenantUsage(t, self._tenant_pages.get(t, 0), self._quota.get(t), self._priority.get(t, 0),
-                            counts.get(t, 0)) for t in names]
+                            self._tenant_sessions.get(t, 0)) for t in sorted(self._tenant_pages)]
 
     # ----- regions ---------------------------------------------------------
     def register_region(self, sid: int, geometry: Geometry, device: int,
@@ -395,19 +448,23 @@ class PoolCore:
             raise InvalidArgument(f"spare_pages is {spare_target}; it must be in 0..{MAX_SPARE}")
         if device not in self._total:
             raise InvalidArgument(f"device {device} is not served by this daemon; use one of {self.devices}")
+        if len(session.regions) >= MAX_REGIONS_PER_SESSION:
+            raise ResourceExhausted(
+                f"session {sid} already holds {len(session.regions)} regions, the most one session may: "
+                "release one (ReleaseRegion, cache.close()) or use another session")
         region_id = RegionId(self._next_region)
         region = Region(region_id, session.id, device, Layout.of(region_id, geometry, self.page_size),
                         spare_target=spare_target)
         self._next_region += 1
         self._regions[region.id] = region
         session.regions[region.id] = region
-        added = self._top_up(region, session)
+        added, sources = self._top_up(region, session)
         if not added:
             return region, EMPTY_GRANT
-        replace, previous = self._claim(added, session.tenant)
-        return region, Grant((), (), spare_added=added, replace=replace, previous_holders=previous)
+        replace = self._claim(added, sources, session.key)
+        return region, Grant((), (), spare_added=added, replace=replace, sources=sources)
 
-    def _top_up(self, region: Region, session: Session) -> tuple[PageId, ...]:
+    def _top_up(self, region: Region, session: Session) -> tuple[tuple[PageId, ...], tuple[Key | None, ...]]:
         """Moves free pages to the region's spares up to its target (and the tenant's quota)."""
         free = self._free[region.device]
         n = min(region.spare_target - len(region.spare), len(free))
@@ -415,13 +472,11 @@ class PoolCore:
         if quota is not None:
             n = min(n, quota - self._tenant_pages[session.tenant])
         if n <= 0:
-            return ()
-        added = free[len(free) - n :]
-        del free[len(free) - n :]
-        added.reverse()
+            return (), ()
+        added, sources = free.take(n, session.key)
         region.spare.extend(added)
         self._charge(session, n)
-        return tuple(added)
+        return tuple(added), tuple(sources)
 
     def release_region(self, sid: int, region_id: int) -> list[PageId]:
         region = self.region(sid, region_id)
@@ -433,7 +488,7 @@ class PoolCore:
         released: list[PageId] = list(region.spare)
         for pages in region.slots.values():
             released.extend(pages)
-        self._free[region.device].extend(released)
+        self._free[region.device].release(released, session.key)
         region.spare.clear()
         region.slots.clear()
         region.idle.clear()
@@ -457,27 +512,28 @@ class PoolCore:
             return EMPTY_GRANT
         session = self._sessions[region.session]
         free, spare = self._free[region.device], region.spare
-        if wanted > len(free) + len(spare):
-            return Shortage(region.device, self.page_size, wanted, len(free), self._total[region.device],
+        available = len(free)
+        if wanted > available + len(spare):
+            return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
                             len(spare), session.tenant,
                             reclaim=self._reclaim_targets(region.device, session.id,
-                                                          wanted - len(free) - len(spare)))
+                                                          wanted - available - len(spare)),
+                            cleaning=free.cleaning)
         from_spare = min(wanted, len(spare))
         fresh_n = wanted - from_spare
         quota = self._quota.get(session.tenant)
         held = self._tenant_pages[session.tenant]
         if quota is not None and held + fresh_n > quota:
-            return Shortage(region.device, self.page_size, wanted, len(free), self._total[region.device],
+            return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
                             len(spare), session.tenant, quota=quota, held=held)
         # Commit: nothing below can fail. Spares first (oldest first: the
         # worker has most likely imported them already), then free pages.
         granted = spares_used(spare, from_spare)
         del spare[:from_spare]
         fresh: list[PageId] = []
+        sources: list[Key | None] = []
         if fresh_n:
-            fresh = free[len(free) - fresh_n :]
-            del free[len(free) - fresh_n :]
-            fresh.reverse()
+            fresh, sources = free.take(fresh_n, session.key)
             granted.extend(fresh)
         slots, num_tensors, offset = region.slots, region.layout.num_tensors, 0
         for slot, _, count in plan:
@@ -490,30 +546,22 @@ class PoolCore:
             offset += n
         self._charge(session, fresh_n)
         idle.difference_update(reactivated)
-        spare_added = self._top_up(region, session)
+        spare_added, spare_sources = self._top_up(region, session)
         fresh_t = tuple(fresh)
-        replace, previous = self._claim(fresh_t + spare_added, session.tenant)
-        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, previous)
+        fd_sources = tuple(sources) + spare_sources
+        replace = self._claim(fresh_t + spare_added, fd_sources, session.key)
+        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, fd_sources)
 
-    def _claim(self, pages: Sequence[PageId], tenant: str):
-        """Records ``tenant`` as the holder of ``pages``; returns (pages to replace, previous holders).
-
-        A page another tenant held last must be replaced with a zeroed one
-        before its fd goes out, so no tenant sees another's data, nor shares
-        a page another tenant may still have mapped.
-        """
+    def _claim(self, pages: Sequence[PageId], sources: Sequence[Key | None], key: Key) -> tuple[PageId, ...]:
+        """Records ``key`` as the holder of ``pages``; returns those another holder had: they must be
+        replaced with zeroed pages before their fds go out."""
         holder = self._holder
-        replace: list[PageId] = []
-        previous: list[tuple[PageId, str | None]] = []
-        for p in pages:
-            held = holder[p]
-            if held is not tenant:  # the steady state (same tenant again) costs one identity check
-                if held is not None and held != tenant:
-                    replace.append(p)
-                if held != tenant:
-                    previous.append((p, held))
-                holder[p] = tenant
-        return tuple(replace), tuple(previous)
+        replace = []
+        for p, source in zip(pages, sources):
+            if source is not None and source != key:
+                replace.append(p)
+            holder[p] = key
+        return tuple(replace)
 
     def _reclaim_targets(self, device: int, requester: SessionId, shortfall: int) -> tuple[tuple[SessionId, int], ...]:
         """Other sessions with idle pages on ``device`` to ask, and how many each, until ``shortfall`` is covered.
@@ -546,19 +594,20 @@ class PoolCore:
         if grant is EMPTY_GRANT:
             return
         free, spare = self._free[region.device], region.spare
+        fd_pages, sources = grant.fd_pages, grant.sources
+        for page, source in zip(fd_pages, sources):
+            self._holder[page] = source
+        gone = [k for k in set(sources) if k is not None and k not in self._key_sessions]
         # The reverse of step's commit, last move first.
-        for page, held in grant.previous_holders:
-            self._holder[page] = held
         if grant.spare_added:
             del spare[len(spare) - len(grant.spare_added) :]
-            free.extend(reversed(grant.spare_added))
+        free.put_back(fd_pages, sources, gone)
         num_tensors = region.layout.num_tensors
         for g in grant.grants:
             pages = region.slots[g.slot]
             del pages[len(pages) - g.count * num_tensors :]
             if not pages:
                 del region.slots[g.slot]
-        free.extend(reversed(grant.fresh))
         spare[:0] = grant.page_ids[: len(grant.page_ids) - len(grant.fresh)]
         region.idle.update(grant.reactivated)
         self._charge(self._sessions[region.session], -(len(grant.fresh) + len(grant.spare_added)))
@@ -582,8 +631,9 @@ class PoolCore:
         if not pages:
             del region.slots[slot]
             region.idle.discard(slot)
-        self._free[region.device].extend(reversed(released))
-        self._charge(self._sessions[region.session], -len(released))
+        session = self._sessions[region.session]
+        self._free[region.device].release(reversed(released), session.key)
+        self._charge(session, -len(released))
         return keep, released
 
     def park(self, sid: int, region_id: int, slot: int) -> int:
@@ -607,63 +657,151 @@ class PoolCore:
                 out[region.session] = out.get(region.session, 0) + region.idle_pages()
         return out
 
+    # ----- the cleaner's work ----------------------------------------------
+    def to_clean(self, device: int, pages: int, reserve: int) -> list[PageId]:
+        """Up to ``pages`` dirty pages of ``device`` to replace ahead of need (see vattnd.pool.free).
+
+        They leave the free pages until :meth:`cleaned` (or :meth:`not_cleaned`) brings them back.
+        """
+        taken = self._free[device].to_clean(pages, reserve)
+        for page, key in taken:
+            self._cleaning[page] = key
+        return [page for page, _ in taken]
+
+    def cleaned(self, device: int, pages: Sequence[int]) -> None:
+        """The pages :meth:`to_clean` gave out were replaced: clean now."""
+        for page in pages:
+            del self._cleaning[page]
+            self._holder[page] = None
+        self._free[device].cleaned(pages)
+
+    def not_cleaned(self, device: int, pages: Sequence[int]) -> None:
+        """Replacing them failed: they are dirty again, as they were."""
+        taken = [(page, self._cleaning.pop(page)) for page in pages]
+        gone = [key for _, key in taken if key not in self._key_sessions]
+        self._free[device].not_cleaned(taken, gone)
+
+    def dirty_pages(self, device: int) -> int:
+        """Free pages of ``device`` that need replacing before another session may have them."""
+        return self._free[device].dirty_count
+
+    def clean_pages(self, device: int) -> int:
+        return len(self._free[device].clean)
+
     # ----- checking --------------------------------------------------------
     def owners(self) -> dict[PageId, tuple[SessionId, RegionId, int]]:
         """Every owned page and its (session, region, slot; -1 for a spare). For tests and audits."""
-        owned: dict[PageId, tuple[SessionId, RegionId, int]] = {}
-        for region in self._regions.values():
-            for page in region.spare:
-                if page in owned:
-                    raise AssertionError(f"page {page} owned twice")
-                owned[page] = (region.session, region.id, -1)
-            for slot, pages in region.slots.items():
-                for page in pages:
-                    if page in owned:
-                        raise AssertionError(
-                            f"page {page} owned twice: {owned[page]} and {(region.session, region.id, slot)}")
-                    owned[page] = (region.session, region.id, slot)
-        return owned
+        return _owners(self.audit_view())
+
+    def audit_view(self) -> "AuditView":
+        """A copy of what :meth:`check_invariants` checks: quick to take (list copies), checked apart."""
+        return AuditView(
+            totals=dict(self._total),
+            device_of=self._device_of,  # append-only: ids below len() never change
+            holder=list(self._holder),
+            free={d: (list(f.clean), {k: list(v) for k, v in f.dirty.items()}, f.dirty_count, f.cleaning)
+                  for d, f in self._free.items()},
+            cleaning=dict(self._cleaning),
+            regions=[(r.id, r.session, r.device, r.layout, list(r.spare), r.spare_target, set(r.idle),
+                      {slot: list(pages) for slot, pages in r.slots.items()}) for r in self._regions.values()],
+            sessions={s.id: (s.pages, s.tenant, s.key, set(s.regions)) for s in self._sessions.values()},
+            tenant_pages=dict(self._tenant_pages),
+            page_count=len(self._device_of),
+        )
 
     def check_invariants(self) -> None:
-        owned = self.owners()
-        free_all: set[int] = set()
-        for device in self.devices:
-            free = self._free[device]
-            total = self._total[device]
-            ids = set(free)
-            if len(ids) != len(free):
-                raise AssertionError(f"device {device}: a page is on the free list twice")
-            if any(self._device_of[p] != device for p in ids):
-                raise AssertionError(f"device {device}: foreign page on the free list")
-            free_all |= ids
-            used = sum(1 for p in owned if self._device_of[p] == device)
-            if used + len(free) != total:
-                raise AssertionError(f"device {device}: {used} used + {len(free)} free != {total}")
-        if free_all & owned.keys():
-            raise AssertionError(f"pages both free and owned: {sorted(free_all & owned.keys())[:10]}")
-        for region in self._regions.values():
-            if region.id not in self._sessions[region.session].regions:
-                raise AssertionError(f"region {region.id} missing from its session")
-            layout = region.layout
-            for slot, pages in region.slots.items():
-                if not pages or len(pages) % layout.num_tensors:
-                    raise AssertionError(f"region {region.id} slot {slot}: empty or ragged pages")
-                if len(pages) // layout.num_tensors > layout.pages_per_slot:
-                    raise AssertionError(f"region {region.id} slot {slot}: over max_context")
-                if any(self._device_of[p] != region.device for p in pages):
-                    raise AssertionError(f"region {region.id}: page from another device")
-            if any(slot not in region.slots for slot in region.idle):
-                raise AssertionError(f"region {region.id}: an idle slot holds no pages")
-            if len(region.spare) > region.spare_target:
-                raise AssertionError(f"region {region.id}: {len(region.spare)} spares over target {region.spare_target}")
-            if any(self._device_of[p] != region.device for p in region.spare):
-                raise AssertionError(f"region {region.id}: spare page from another device")
-        by_tenant: dict[str, int] = {}
-        for session in self._sessions.values():
-            held = sum(r.pages_held() for r in session.regions.values())
-            if held != session.pages:
-                raise AssertionError(f"session {session.id}: counts {session.pages}, holds {held}")
-            by_tenant[session.tenant] = by_tenant.get(session.tenant, 0) + held
-        for tenant, pages in self._tenant_pages.items():
-            if pages != by_tenant.get(tenant, 0):
-                raise AssertionError(f"tenant {tenant!r}: counts {pages}, holds {by_tenant.get(tenant, 0)}")
+        check(self.audit_view())
+
+
+@dataclass(slots=True)
+class AuditView:
+    totals: dict
+    device_of: list
+    holder: list
+    free: dict
+    cleaning: dict
+    regions: list
+    sessions: dict
+    tenant_pages: dict
+    page_count: int
+
+
+def _owners(view: AuditView) -> dict[PageId, tuple[SessionId, RegionId, int]]:
+    owned: dict[PageId, tuple[SessionId, RegionId, int]] = {}
+    for rid, sid, _, _, spare, _, _, slots in view.regions:
+        for page in spare:
+            if page in owned:
+                raise AssertionError(f"page {page} owned twice")
+            owned[page] = (sid, rid, -1)
+        for slot, pages in slots.items():
+            for page in pages:
+                if page in owned:
+                    raise AssertionError(f"page {page} owned twice: {owned[page]} and {(sid, rid, slot)}")
+                owned[page] = (sid, rid, slot)
+    return owned
+
+
+def check(view: AuditView) -> int:
+    """Checks the pool's invariants on an audit view (AssertionError if one is broken); returns pages owned."""
+    owned = _owners(view)
+    device_of, holder = view.device_of, view.holder
+    accounted: set[int] = set(owned)
+    for device, total in view.totals.items():
+        clean, dirty, dirty_count, cleaning = view.free[device]
+        free = list(clean)
+        for key, pages in dirty.items():
+            if any(holder[p] != key for p in pages):
+                raise AssertionError(f"device {device}: a dirty page is not its holder's")
+            free.extend(pages)
+        if any(holder[p] is not None for p in clean):
+            raise AssertionError(f"device {device}: a clean page has a holder")
+        if sum(len(v) for v in dirty.values()) != dirty_count:
+            raise AssertionError(f"device {device}: dirty count is off")
+        out = [p for p, _ in view.cleaning.items() if device_of[p] == device]
+        if len(out) != cleaning:
+            raise AssertionError(f"device {device}: {len(out)} pages out for cleaning, counted {cleaning}")
+        mine = free + out
+        if len(set(mine)) != len(mine):
+            raise AssertionError(f"device {device}: a page is free twice")
+        if any(device_of[p] != device for p in mine):
+            raise AssertionError(f"device {device}: foreign page on the free list")
+        if accounted & set(mine):
+            raise AssertionError(f"device {device}: pages both free and owned: {sorted(accounted & set(mine))[:10]}")
+        accounted.update(mine)
+        used = sum(1 for p in owned if device_of[p] == device)
+        if used + len(mine) != total:
+            raise AssertionError(f"device {device}: {used} used + {len(mine)} free != {total}")
+    if len(accounted) != view.page_count:
+        raise AssertionError(f"{view.page_count - len(accounted)} pages are neither free nor owned")
+    by_tenant: dict[str, int] = {}
+    held_by: dict[int, int] = {}
+    for rid, sid, device, layout, spare, spare_target, idle, slots in view.regions:
+        if sid not in view.sessions or rid not in view.sessions[sid][3]:
+            raise AssertionError(f"region {rid} missing from its session")
+        key = view.sessions[sid][2]
+        for slot, pages in slots.items():
+            if not pages or len(pages) % layout.num_tensors:
+                raise AssertionError(f"region {rid} slot {slot}: empty or ragged pages")
+            if len(pages) // layout.num_tensors > layout.pages_per_slot:
+                raise AssertionError(f"region {rid} slot {slot}: over max_context")
+            if any(device_of[p] != device for p in pages):
+                raise AssertionError(f"region {rid}: page from another device")
+            if any(holder[p] != key for p in pages):
+                raise AssertionError(f"region {rid}: a page whose holder is not its session")
+        if any(slot not in slots for slot in idle):
+            raise AssertionError(f"region {rid}: an idle slot holds no pages")
+        if len(spare) > spare_target:
+            raise AssertionError(f"region {rid}: {len(spare)} spares over target {spare_target}")
+        if any(holder[p] != key for p in spare):
+            raise AssertionError(f"region {rid}: a spare whose holder is not its session")
+        if any(device_of[p] != device for p in spare):
+            raise AssertionError(f"region {rid}: spare page from another device")
+        held_by[sid] = held_by.get(sid, 0) + len(spare) + sum(len(p) for p in slots.values())
+    for sid, (pages, tenant, _, _) in view.sessions.items():
+        if held_by.get(sid, 0) != pages:
+            raise AssertionError(f"session {sid}: counts {pages}, holds {held_by.get(sid, 0)}")
+        by_tenant[tenant] = by_tenant.get(tenant, 0) + pages
+    for tenant, pages in view.tenant_pages.items():
+        if pages != by_tenant.get(tenant, 0):
+            raise AssertionError(f"tenant {tenant!r}: counts {pages}, holds {by_tenant.get(tenant, 0)}")
+    return len(owned)

@@ -237,7 +237,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DevicePool(_message.Message):
-    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size", "pages_spare", "pages_idle")
+    __slots__ = ("device", "name", "pages_total", "pages_free", "pages_used", "page_size", "pages_spare", "pages_idle", "pages_dirty")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class DevicePool(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGES_SPARE_FIELD_NUMBER: _ClassVar[int]
     PAGES_IDLE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_DIRTY_FIELD_NUMBER: _ClassVar[int]
     device: int
     name: str
     pages_total: int
@@ -254,7 +255,8 @@ class DevicePool(_message.Message):
     page_size: int
     pages_spare: int
     pages_idle: int
-    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ..., pages_idle: _Optional[int] = ...) -> None: ...
+    pages_dirty: int
+    def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ..., pages_idle: _Optional[int] = ..., pages_dirty: _Optional[int] = ...) -> None: ...
 
 class SetQuotaRequest(_message.Message):
     __slots__ = ("tenant", "quota_bytes", "unlimited", "priority", "set_priority", "keep_quota")
@@ -311,17 +313,21 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., name: _Optional[str] = ..., pages: _Optional[int] = ..., regions: _Optional[int] = ..., age_seconds: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("version", "backend", "pools", "sessions", "uptime_seconds", "tenants")
+    __slots__ = ("version", "backend", "pools", "sessions", "uptime_seconds", "tenants", "sessions_omitted", "tenants_omitted")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: Backend
     pools: _containers.RepeatedCompositeFieldContainer[DevicePool]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     uptime_seconds: float
     tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., pools: _Optional[_Iterable[_Union[DevicePool, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...
+    sessions_omitted: int
+    tenants_omitted: int
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., pools: _Optional[_Iterable[_Union[DevicePool, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ..., sessions_omitted: _Optional[int] = ..., tenants_omitted: _Optional[int] = ...) -> None: ...
