@@ -235,7 +235,7 @@ class Runner:
         layers = max(1, min(2 if self.args.smoke else 64, -(-self.min_bytes // kv_bytes)))
         cache = self._cache = self.pool.kv_cache(num_layers=layers, num_kv_heads=HEADS_KV, head_dim=DIM,
                                                  max_batch=batch, max_context=length, dtype=self.dtype)
-        cache.step({s: length for s in range(batch)})
+        cache.step({cache.alloc(): length for _ in range(batch)})
         qs, kvs, empties = [], [], []
         for layer in range(layers):
             cache.k[layer].normal_()

@@ -58,11 +58,11 @@ def measure(transport: str, rounds: int) -> float:
                               max_context=8192, dtype=torch.float16)
         tokens = PAGE // (HEADS * DIM * 2)
         for _ in range(20):
-            cache.grow(0, tokens)
+            cache.grow(cache.alloc(), tokens)
             cache.free(0)
         toggle(proc.pid, True)
         for _ in range(rounds):
-            cache.grow(0, tokens)
+            cache.grow(cache.alloc(), tokens)
             cache.free(0)
         toggle(proc.pid, False)
         pool.close()

@@ -53,6 +53,8 @@ def worker(socket_path: str, seconds: float, barrier, out, transport: str) -> No
     barrier.wait()
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
+        for _ in range(9):
+            cache.alloc()  # slots 0..8, lowest first
         # grow: one slot, one page per tensor
         t0 = time.perf_counter()
         cache.grow(0, TOKENS_PER_PAGE)

@@ -64,10 +64,11 @@ def prefill_rates(reps: int) -> list[str]:
                 times = []
                 for _ in range(reps):
                     cache.wait_prefetched()
+                    slot = cache.alloc()
                     t0 = time.perf_counter()
-                    cache.grow(0, tokens)
+                    cache.grow(slot, tokens)
                     times.append(time.perf_counter() - t0)
-                    cache.free(0)
+                    cache.free(slot)
                 cache.close()
                 t = statistics.median(times)
                 waste = pages * page_bytes - tokens * TOKEN_ALL
@@ -97,6 +98,8 @@ def _decode_run(pool, mode: str, layout: str, batch: int, start: list[int], iter
     cache = pool.kv_cache(num_layers=LAYERS, num_kv_heads=HEADS_KV, head_dim=DIM, max_batch=batch,
                           max_context=max_context, dtype=dtype, layout=layout, prefetch_pages=batch * tensors)
     lengths = list(start)
+    for _ in range(batch):
+        cache.alloc()
     cache.step({s: (max_context if mode == "premapped" else lengths[s] + 1) for s in range(batch)})
     x = torch.randn(batch, hidden, device=dev, dtype=dtype)
     times = []
@@ -206,7 +209,7 @@ def attention_speed(sock: str, reps: int) -> list[str]:
         for case, batch, ctx, q_len in (("prefill 8K", 1, 8192, 8192), ("decode 16K x 32", 32, 16384, 1)):
             cache = pool.kv_cache(num_layers=2, num_kv_heads=HEADS_KV, head_dim=DIM, max_batch=batch,
                                   max_context=ctx, dtype=dtype, layout=layout)
-            cache.step({s: ctx for s in range(batch)})
+            cache.step({cache.alloc(): ctx for _ in range(batch)})
             cache.k[1][:, :ctx] = torch.randn(batch, ctx, HEADS_KV, DIM, device="cuda", dtype=dtype)
             cache.v[1][:, :ctx] = torch.randn(batch, ctx, HEADS_KV, DIM, device="cuda", dtype=dtype)
             k, v = cache.k[1][:, :ctx].transpose(1, 2), cache.v[1][:, :ctx].transpose(1, 2)

@@ -44,6 +44,8 @@ def worker(sock: str, seed: int, seconds: float, rate: float, out) -> None:
                           dtype=torch.float16)
     lat, errors, calls = [], {}, 0
     lengths = [0] * 8
+    for _ in range(8):
+        cache.alloc()  # slots 0..7 serve a request each for the whole run
     t_end = time.monotonic() + seconds
     next_at = time.monotonic()
     while time.monotonic() < t_end:
@@ -61,6 +63,7 @@ def worker(sock: str, seed: int, seconds: float, rate: float, out) -> None:
                 cache.step({s: n for s, n in enumerate(lengths)})
             elif op < 0.9:
                 cache.free(slot)
+                cache.alloc(slot=slot)  # a new request in the same slot
                 lengths[slot] = 0
             else:
                 lengths[slot] //= 2

@@ -12,12 +12,13 @@ into INTERNAL, logged once), and counts and times the call.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from vattn.contract import wire
-from vattn.contract.errors import Internal, VattnError
+from vattn.contract.errors import Internal, ResourceExhausted, VattnError
 from vattn.v1 import vattn_pb2 as pb
 from vattnd.metrics import RpcMetrics
 from vattnd.service import Pending, PoolService, Reply, SessionHandle
@@ -70,9 +71,13 @@ class Outcome:
 
 
 class Dispatcher:
-    def __init__(self, service: PoolService, metrics: RpcMetrics):
+    """``max_blocked_waits``: gRPC calls that may wait for reclaimed pages at once, each holding one of
+    gRPC's threads (the channel's waits hold none); beyond that a grant that would wait fails at once."""
+
+    def __init__(self, service: PoolService, metrics: RpcMetrics, max_blocked_waits: int = 4):
         self.service = service
         self.metrics = metrics
+        self._blocked = threading.BoundedSemaphore(max_blocked_waits)
 
     def run(self, method: Method, request, transport: str, session: SessionHandle | None = None,
             done: Callable[[Outcome], None] | None = None) -> Outcome | None:
@@ -94,10 +99,18 @@ class Dispatcher:
                 result.add_done_callback(lambda r: done(self._ended(self._outcome(method, session, r), transport,
                                                                    start)))
                 return None
+            holds = self._blocked.acquire(blocking=False)
+            if not holds:
+                self.service.abandon(result, ResourceExhausted(
+                    "the pool is short and too many gRPC calls are already waiting for pages to come back; "
+                    "retry, or make the call on the fd channel (the default transport)"))
             try:
                 result = result.result(self.service.reclaim_wait + 5.0)
             except VattnError as exc:
                 result = exc
+            finally:
+                if holds:
+                    self._blocked.release()
             return self._ended(self._outcome(method, session, result), transport, start)
         return self._ended(Outcome(method, session, reply=result), transport, start)
 

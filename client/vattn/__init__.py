@@ -12,6 +12,8 @@ Importing it is light: grpc is imported when a connection is made, torch
 when a cache is.
 """
 from vattn.contract.errors import (
+    Closed,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -44,6 +46,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Internal", "InvalidArgument", "NotFound", "OutOfRange", "PermissionDenied", "Pool",
+    "Closed", "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "OutOfRange", "PermissionDenied", "Pool",
     "ResourceExhausted", "Unauthenticated", "Unavailable", "VattnError", "connect", "default_socket",
 ]

@@ -51,7 +51,9 @@ class ClientChannel:
         fds = wire.fds_of(ancdata)
         if size == 0:
             wire.close_fds(fds)
-            raise Unavailable("vattnd closed the session's fd channel (it stopped or ended the session); reconnect")
+            raise Unavailable(
+                "vattnd went away (it stopped or was killed) or ended this session: the KV this process has "
+                "mapped stays readable until it is freed; pool.reconnect() (or vattn.connect()) opens a new session")
         if flags & wire.MSG_CTRUNC:
             wire.close_fds(fds)
             raise Internal("page fds were cut off in transit: this process hit its open-file limit; raise it (ulimit -n)")

@@ -74,6 +74,9 @@ class VattnCache(Cache):
         self.kv = kv
         self.slots = slots
         self.lo, self.hi = slots[0], slots[-1] + 1
+        for slot in slots:  # the batch's requests: allocated for as long as this cache lives
+            if not kv.slots.in_use[slot]:
+                kv.alloc(slot=slot)
         super().__init__(layers=[VattnLayer(self, layer) for layer in range(kv.num_layers)])
 
     def release(self) -> None:

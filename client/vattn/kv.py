@@ -17,11 +17,11 @@ from typing import Mapping
 import torch
 
 from vattn.contract.errors import (
+    Closed,
     Internal,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
-    VattnError,
 )
 from vattn.contract.layout import Geometry, Layout, SlotGrant
 from vattn.mapping import Mapper
@@ -113,10 +113,10 @@ class KVCache:
             # layer are views with a token stride of layers x 2 x heads x dim.
             shape = (g.max_batch, g.max_context, g.num_layers, 2, heads, dim)
             strides = (stride, g.num_layers * 2 * heads * dim, 2 * heads * dim, heads * dim, dim, 1)
-            self.kv = raw_tensor(mapper.device, self._bases[0], layout.tensor_bytes).view(dtype).as_strided(
+            self._kv = raw_tensor(mapper.device, self._bases[0], layout.tensor_bytes).view(dtype).as_strided(
                 shape, strides)
-            self.k: list[torch.Tensor] = [self.kv[:, :, layer, 0] for layer in range(g.num_layers)]
-            self.v: list[torch.Tensor] = [self.kv[:, :, layer, 1] for layer in range(g.num_layers)]
+            self._k: list[torch.Tensor] = [self._kv[:, :, layer, 0] for layer in range(g.num_layers)]
+            self._v: list[torch.Tensor] = [self._kv[:, :, layer, 1] for layer in range(g.num_layers)]
         else:
             shape = (g.max_batch, g.max_context, heads, dim)
             strides = (stride, heads * dim, dim, 1)
@@ -124,9 +124,9 @@ class KVCache:
                 raw_tensor(mapper.device, base, layout.tensor_bytes).view(dtype).as_strided(shape, strides)
                 for base in self._bases
             ]
-            self.kv = None
-            self.k = tensors[0::2]
-            self.v = tensors[1::2]
+            self._kv = None
+            self._k = tensors[0::2]
+            self._v = tensors[1::2]
         self.closed = False
         # Eager allocation: a grow maps this many pages beyond what it needs.
         self.ahead_pages = ahead_pages
@@ -141,18 +141,49 @@ class KVCache:
         self._pending: concurrent.futures.Future | None = None
         self._mapper.add_spares(layout.spare_page_ids, spare_fds)
 
+    # ----- tensors ---------------------------------------------------------
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per layer, K: [max_batch, max_context, num_kv_heads, head_dim] over this region's memory."""
+        if self.closed:
+            raise self._closed()
+        return self._k
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        """Per layer, V, like ``k``."""
+        if self.closed:
+            raise self._closed()
+        return self._v
+
+    @property
+    def kv(self) -> torch.Tensor | None:
+        """All layers' K and V in one tensor [max_batch, max_context, layers, 2, heads, dim] (all-layers
+        layout; None for the per-layer layout)."""
+        if self.closed:
+            raise self._closed()
+        return self._kv
+
+    def _closed(self) -> Closed:
+        return Closed(f"KV cache of region {self.region_id} was closed (cache.close() or pool.close()); "
+                      "make a new one with pool.kv_cache()")
+
     # ----- slots -----------------------------------------------------------
-    def alloc(self, tokens: int = 0) -> int:
-        """Claims a free slot for a new request of about ``tokens`` tokens.
+    def alloc(self, tokens: int = 0, slot: int | None = None) -> int:
+        """Claims a free slot for a new request of about ``tokens`` tokens; returns it.
 
         Best fit over freed slots that kept their pages (``keep_freed``): of
         the slots whose pages the request will fill, the one with the most;
         failing that, the one with the fewest pages; ties go to the lowest
-        slot. Without kept pages: the lowest free slot.
+        slot. Without kept pages: the lowest free slot. ``slot`` claims that
+        free slot instead (engines that number requests themselves).
+        Only allocated slots may be grown, shrunk and freed.
         """
         self.wait()
         with self._lock:
-            return self.slots.alloc(tokens)
+            if self.closed:
+                raise self._closed()
+            return self.slots.alloc(tokens, slot)
 
     def capacity(self, slot: int) -> int:
         """Tokens slot ``slot`` can hold without another grow."""
@@ -174,13 +205,23 @@ class KVCache:
         if self.slots.covers(slot, tokens):
             return
         with self._lock:
-            self._grant(((slot, tokens),), single=True)
+            self._grant(self._needy({slot: tokens}), single=True)
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
         if self._pending is not None:
             self.wait()
-        self._step(targets)
+        needy = self._needy(targets)
+        if needy:
+            with self._lock:
+                self._grant(needy, single=False)
+
+    def _needy(self, targets: Mapping[int, int]) -> list[tuple[int, int]]:
+        """The entries of ``targets`` that need pages, checked (allocated slots, whole token counts)."""
+        if self.closed:
+            raise self._closed()
+        covers, entry = self.slots.covers, self.slots.entry
+        return [entry(slot, tokens) for slot, tokens in targets.items() if not covers(slot, tokens)]
 
     def step_async(self, targets: Mapping[int, int]) -> concurrent.futures.Future:
         """``step`` on a background thread, for the next iteration while this one computes.
@@ -191,14 +232,14 @@ class KVCache:
         """
         if self._pending is not None:
             self.wait()
-        covers = self.slots.covers
-        if all(covers(slot, tokens) for slot, tokens in targets.items()):
+        needy = self._needy(targets)  # checked here: a bad entry raises now, not from wait()
+        if not needy:
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(None)  # nothing to map: no thread hand-off on most iterations
             return done
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-step")
-        self._pending = self._executor.submit(self._step, dict(targets))
+        self._pending = self._executor.submit(self._grant_locked, needy)
         return self._pending
 
     def wait(self) -> None:
@@ -207,12 +248,9 @@ class KVCache:
         if pending is not None:
             pending.result()
 
-    def _step(self, targets: Mapping[int, int]) -> None:
-        covers = self.slots.covers
-        needy = [(slot, tokens) for slot, tokens in targets.items() if not covers(slot, tokens)]
-        if needy:
-            with self._lock:
-                self._grant(needy, single=False)
+    def _grant_locked(self, entries) -> None:
+        with self._lock:
+            self._grant(entries, single=False)
 
     def _grant(self, entries, single: bool) -> None:
         try:
@@ -234,10 +272,7 @@ class KVCache:
             entries = [(slot, min(tokens + ahead, self.max_context)) if 0 <= tokens <= self.max_context
                        else (slot, tokens) for slot, tokens in entries]
         if self._mapper.overlap_spares and self._session.transport == "channel":
-            try:
-                plan, wanted = self.slots.plan(entries)
-            except VattnError:
-                plan, wanted = None, 0  # the daemon answers with the same error
+            plan, wanted = self.slots.plan(entries)  # checked entries: the daemon's plan, exactly
             spares = self.slots.spares_for(wanted)
             if spares is not None:
                 return self._grant_from_spares(entries, plan, spares)
@@ -301,24 +336,30 @@ class KVCache:
         """Keeps the pages ``tokens`` tokens need and returns the rest to the pool."""
         self.wait()
         with self._lock:
-            self._shrink(slot, tokens)
+            if self.closed:
+                raise self._closed()
+            self._shrink(*self.slots.entry(slot, tokens))
 
     def _shrink(self, slot: int, tokens: int) -> None:
+        """Returns the pages of ``slot`` beyond ``tokens``: the daemon first, then they are unmapped.
+
+        If the call fails (the daemon went away, say), nothing is unmapped: the
+        slot stays readable.
+        """
         layout = self.slots.layout
-        layout.check_slot(slot)
-        layout.check_tokens(slot, tokens)
         have = self.slots.pages[slot]
         keep = min(have, layout.pages_for(tokens))
         if keep == have:
             return
-        # Unmap before the daemon can give the pages to anyone else.
+        reply = self._session.shrink(self.region_id, slot, tokens)
+        if reply.pages_per_tensor != keep:
+            raise Internal(f"slot {slot}: daemon kept {reply.pages_per_tensor} pages, the client {keep}; reconnect")
+        # Given back: another session gets these pages only replaced (or, where the operator
+        # allows it, the same user's); unmapped now all the same, before the next call.
         start = slot * layout.slot_stride + keep * self.page_size
         for base in self._bases:
             self._mapper.unmap(base + start, (have - keep) * self.page_size)
         self.slots.set_pages(slot, keep)
-        reply = self._session.shrink(self.region_id, slot, tokens)
-        if reply.pages_per_tensor != keep:
-            raise Internal(f"slot {slot}: daemon kept {reply.pages_per_tensor} pages, the client {keep}")
 
     def free(self, slot: int) -> None:
         """The request in ``slot`` finished: the slot is free again.
@@ -328,7 +369,10 @@ class KVCache:
         """
         self.wait()
         with self._lock:
-            keep = self.keep_freed and 0 <= slot < self.max_batch and self.slots.pages[slot] > 0
+            if self.closed:
+                raise self._closed()
+            slot = self.slots.allocated(slot)
+            keep = self.keep_freed and self.slots.pages[slot] > 0
             if keep:
                 self._session.free(self.region_id, slot, keep_pages=True)
             else:
@@ -370,7 +414,7 @@ class KVCache:
         if self.release_idle in self._session.reclaim_handlers:
             self._session.reclaim_handlers.remove(self.release_idle)
         self.closed = True
-        self.k, self.v, self.kv = [], [], None
+        self._k, self._v, self._kv = [], [], None
         for base in self._bases:
             self._mapper.free(base, self.layout.tensor_bytes)
         self._bases = []

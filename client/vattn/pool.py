@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from vattn.errors import InvalidArgument
+from vattn.contract.errors import Closed, InvalidArgument
 from vattn.paths import DEFAULT_TIMEOUT_S
 from vattn.session import Session
 from vattn.v1 import vattn_pb2 as pb
@@ -22,12 +22,29 @@ class Pool:
     """A worker's connection to vattnd. Close it (or use ``with``) when done;
     if the process dies instead, the daemon takes its pages back anyway."""
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, reopen: "Callable[[], Session] | None" = None):
+        self._reopen = reopen
+        self._caches: list["KVCache"] = []
+        self._attach(session)
+
+    def _attach(self, session: Session) -> None:
         self.session = session
         self.info = session.info
         self.backend = pb.Backend.Name(session.info.backend).removeprefix("BACKEND_").lower()
         self.page_size = session.info.page_size
-        self._caches: list["KVCache"] = []
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    def reconnect(self) -> "Pool":
+        """Closes this session (its caches are unmapped here; the daemon, if any, takes their pages back)
+        and opens a new one with the same settings, e.g. after vattnd restarted. Make caches anew."""
+        if self._reopen is None:
+            raise InvalidArgument("this pool was not opened with vattn.connect(): connect again instead")
+        self.close()
+        self._attach(self._reopen())
+        return self
 
     @property
     def devices(self) -> list[int]:
@@ -57,6 +74,8 @@ class Pool:
 
         from vattn.kv import DTYPES, KVCache
 
+        if self.session.closed:
+            raise Closed("this vattn pool was closed: open a new one with vattn.connect(), or pool.reconnect()")
         dtype = torch.float16 if dtype is None else dtype
         if dtype not in DTYPES:
             raise InvalidArgument(f"dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
@@ -126,4 +145,7 @@ def connect(socket: str | None = None, *, name: str | None = None, timeout: floa
     ``"default"``); the daemon may restrict tenants to Unix users.
     ``timeout`` (seconds) bounds every call.
     """
-    return Pool(Session(socket, name=name, timeout=timeout, transport=transport, tenant=tenant))
+    def open_session() -> Session:
+        return Session(socket, name=name, timeout=timeout, transport=transport, tenant=tenant)
+
+    return Pool(open_session(), reopen=open_session)

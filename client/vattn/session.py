@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import grpc
 
 from vattn.contract import wire
-from vattn.contract.errors import InvalidArgument, PermissionDenied, Unavailable, VattnError, error_for
+from vattn.contract.errors import Closed, InvalidArgument, PermissionDenied, Unavailable, VattnError, error_for
 from vattn.channel import ClientChannel
 from vattn.paths import DEFAULT_TIMEOUT_S, admin_path, default_socket
 from vattn.v1 import channel_pb2
@@ -104,6 +104,9 @@ class Session:
         gRPC instead; the results are the same.
         """
         with self._lock:
+            if self.closed:
+                raise Closed(f"session {self.session_id} with vattnd at {self.socket_path} was closed "
+                             "(pool.close()): connect again (vattn.connect(), pool.reconnect())")
             if self.transport == "channel" and request.ByteSize() + _CALL_OVERHEAD <= wire.MAX_CALL_BYTES:
                 call = channel_pb2.Call(**{wire.CHANNEL_CALLS[method]: request})
                 return self._result(*self.channel.call(call))

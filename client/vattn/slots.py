@@ -11,9 +11,10 @@ does the mapping; tests drive it alone.
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Iterable, Sequence
 
-from vattn.contract.errors import Internal, ResourceExhausted
+from vattn.contract.errors import Internal, InvalidArgument, ResourceExhausted
 from vattn.contract.layout import Layout, SlotGrant, spares_used
 
 
@@ -31,28 +32,37 @@ class SlotTable:
         self.spares: collections.deque[int] = collections.deque(spares)
 
     # ----- requests ---------------------------------------------------------
-    def alloc(self, tokens: int = 0) -> int:
-        """Claims a free slot for a request of about ``tokens`` tokens.
+    def alloc(self, tokens: int = 0, slot: int | None = None) -> int:
+        """Claims a free slot for a request of about ``tokens`` tokens (or the free slot ``slot``).
 
         Best fit over freed slots that kept their pages: of the slots whose
         pages the request will fill, the one with the most; failing that, the
         one with the fewest pages; ties go to the lowest slot. Without kept
         pages: the lowest free slot.
         """
-        need = self.layout.pages_for(max(0, tokens))
-        best, best_key = -1, None
-        for slot, used in enumerate(self.in_use):
-            if used:
-                continue
-            pages = self.pages[slot]
-            key = (0, -pages) if pages <= need else (1, pages)
-            if best_key is None or key < best_key:
-                best, best_key = slot, key
-        if best < 0:
-            raise ResourceExhausted(
-                f"all {self.layout.max_batch} slots of region {self.layout.region_id} are in use: free one, "
-                "or register a region with a larger max_batch"
-            )
+        tokens = self._int("tokens", tokens)
+        if slot is not None:
+            slot = self._int("slot", slot)
+            self.layout.check_slot(slot)
+            if self.in_use[slot]:
+                raise InvalidArgument(f"slot {slot} of region {self.layout.region_id} is in use: free it first, "
+                                      "or let alloc() pick a free slot")
+            best = slot
+        else:
+            need = self.layout.pages_for(max(0, tokens))
+            best, best_key = -1, None
+            for free_slot, used in enumerate(self.in_use):
+                if used:
+                    continue
+                pages = self.pages[free_slot]
+                key = (0, -pages) if pages <= need else (1, pages)
+                if best_key is None or key < best_key:
+                    best, best_key = free_slot, key
+            if best < 0:
+                raise ResourceExhausted(
+                    f"all {self.layout.max_batch} slots of region {self.layout.region_id} are in use: free one, "
+                    "or register a region with a larger max_batch"
+                )
         self.in_use[best] = True
         self.idle.discard(best)
         return best
@@ -64,8 +74,39 @@ class SlotTable:
             self.idle.add(slot)
 
     def covers(self, slot: int, tokens: int) -> bool:
-        """Whether ``slot`` already holds ``tokens`` tokens (then a grow needs no call)."""
-        return 0 <= slot < self.layout.max_batch and tokens <= self.capacity[slot]
+        """Whether allocated ``slot`` already holds ``tokens`` tokens (then a grow needs no call).
+
+        False for anything else, valid or not: :meth:`entry` then says what is wrong, if anything.
+        """
+        return (type(slot) is int and type(tokens) is int and 0 <= slot < self.layout.max_batch
+                and self.in_use[slot] and 0 <= tokens <= self.capacity[slot])
+
+    def allocated(self, slot) -> int:
+        """``slot`` as an int, if it serves a request (alloc()ed and not freed since); raises otherwise."""
+        slot = self._int("slot", slot)
+        self.layout.check_slot(slot)
+        if not self.in_use[slot]:
+            raise InvalidArgument(
+                f"slot {slot} of region {self.layout.region_id} is not allocated: call alloc() first "
+                "(a slot is allocated from alloc() until free())")
+        return slot
+
+    def entry(self, slot, tokens) -> tuple[int, int]:
+        """A (slot, tokens) pair checked: an allocated slot, a whole number of tokens it can hold."""
+        slot = self.allocated(slot)
+        tokens = self._int("tokens", tokens, slot)
+        self.layout.check_tokens(slot, tokens)
+        return slot, tokens
+
+    @staticmethod
+    def _int(name: str, value, slot: int | None = None) -> int:
+        try:
+            if isinstance(value, bool):  # an int to Python, never a slot or a token count
+                raise TypeError
+            return operator.index(value)
+        except TypeError:
+            where = f" (slot {slot})" if slot is not None else ""
+            raise InvalidArgument(f"{name} must be a whole number{where}, not {value!r}") from None
 
     # ----- grants -----------------------------------------------------------
     def plan(self, entries: Iterable[tuple[int, int]]) -> tuple[list[SlotGrant], int]:

@@ -58,7 +58,9 @@ def test_tensors_are_cuda_tensors_over_mapped_pages(gpu_pool, gpu_daemon):
     for layer in range(4):
         assert torch.all(cache.k[layer][slot, :1500] == layer + 1)
         assert torch.all(cache.v[layer][slot, :1500] == -(layer + 1))
-    cache.step({slot: 4096, 1: 10})
+    other = cache.alloc()
+    assert other == 1
+    cache.step({slot: 4096, other: 10})
     assert torch.all(cache.k[3][slot, :1500] == 4)  # grown, old data in place
     cache.k[3][slot, 4095] = 9
     assert cache.k[3][slot, 4095].float().sum().item() == 9 * 8 * 128
@@ -87,7 +89,7 @@ def test_attention_on_mapped_kv_equals_ordinary_tensors(gpu_pool, dtype):
     heads_q, heads_kv, dim, ctx, batch = 32, 8, 128, 3000, 3
     cache = gpu_pool.kv_cache(num_layers=2, num_kv_heads=heads_kv, head_dim=dim, max_batch=batch,
                               max_context=4096, dtype=dtype)
-    cache.step({s: ctx for s in range(batch)})
+    cache.step({cache.alloc(): ctx for _ in range(batch)})
     for layer in range(2):
         cache.k[layer][:, :ctx] = torch.randn(batch, ctx, heads_kv, dim, device="cuda", dtype=dtype)
         cache.v[layer][:, :ctx] = torch.randn(batch, ctx, heads_kv, dim, device="cuda", dtype=dtype)
@@ -202,7 +204,7 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
     cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=slots, max_context=1 << 17,
                           dtype=torch.float16, layout="all_layers", prefetch_pages=0)
     per_slot = min(1 << 17, (pool_pages // 2) * page // per_token // slots)
-    cache.step({s: per_slot for s in range(slots)})
+    cache.step({cache.alloc(): per_slot for _ in range(slots)})
     held = slots * cache.pages(0)
     cache.kv[:, :per_slot] = 3
     torch.cuda.synchronize()
@@ -220,7 +222,7 @@ def test_restarted_daemon_accounts_for_pages_live_workers_still_hold(short_tmp):
         assert "out of memory after" in d2.log()
         with vattn.connect(d2.socket) as fresh:  # the worker reconnects
             c2 = fresh.kv_cache(num_layers=1, num_kv_heads=8, head_dim=128, max_batch=1, max_context=1024)
-            c2.grow(0, 1024)
+            c2.grow(c2.alloc(), 1024)
             c2.k[0][0, :1024] = 5
             assert torch.all(cache.kv[2, :per_slot:97] == 3)  # no alias with the old pages
             c2.close()

@@ -52,7 +52,7 @@ def test_systemd_unit_verifies(tmp_path):
 
 def test_grafana_dashboard_queries_only_metrics_vattnd_exports(daemon, pool):
     cache = pool.kv_cache(num_layers=1, num_kv_heads=1, head_dim=8, max_batch=1, max_context=16)
-    cache.grow(0, 16)  # so that the latency histogram has samples
+    cache.grow(cache.alloc(), 16)  # so that the latency histogram has samples
     with open(os.path.join(DEPLOY, "grafana", "vattnd.json")) as fh:
         dashboard = json.load(fh)
     from prometheus_client.parser import text_string_to_metric_families
@@ -94,7 +94,7 @@ def test_a_real_prometheus_scrapes_the_pool(daemon, pool, tmp_path):
          f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=2, max_context=4096)
-        cache.grow(0, 1000)  # 4 pages x 4 tensors
+        cache.grow(cache.alloc(), 1000)  # 4 pages x 4 tensors
         deadline = time.monotonic() + 60
         used = None
         while time.monotonic() < deadline:

@@ -44,6 +44,7 @@ def test_slot_stride_is_padded_to_whole_pages(pool):
     k = cache.k[0]
     assert k.shape == (3, 100, 2, 64) and k.stride()[0] == 65536 // 2 and not k.is_contiguous()
     assert k[0].is_contiguous()
+    cache.alloc(slot=0), cache.alloc(slot=2)
     cache.step({0: 100, 2: 1})
     k[0] = 1.0
     k[2, :1] = 2.0
@@ -57,8 +58,9 @@ def test_step_grows_many_slots_in_one_call_all_or_nothing(pool, daemon):
     assert [cache.pages(s) for s in slots] == [1, 2, 3, 4]
     assert daemon.used_pages() == 10 * 8
     before = daemon.used_pages()
+    more = [cache.alloc() for _ in range(3)]
     with pytest.raises(vattn.ResourceExhausted, match="needs 504 pages .* 432 of 512 are free"):
-        cache.step({slots[0]: 4096, 5: 4096, 6: 4096, 7: 4096})  # (15 + 3 x 16) pages x 8 tensors
+        cache.step({slots[0]: 4096, **{s: 4096 for s in more}})  # (15 + 3 x 16) pages x 8 tensors
     assert daemon.used_pages() == before and cache.pages(slots[0]) == 1
     with pytest.raises(vattn.OutOfRange, match="max_context 4096"):
         cache.step({slots[0]: 300, slots[1]: 4097})
@@ -136,7 +138,7 @@ def test_errors_are_typed_and_change_nothing(daemon, pool):
             (lambda: cache.grow(slot, 1025), vattn.OutOfRange, "max_context 1024"),
             (lambda: cache.grow(2, 10), vattn.OutOfRange, "slot 2"),
             (lambda: pool.session.step(cache.region_id, [(0, 10), (0, 20)]), vattn.InvalidArgument, "twice"),
-            (lambda: cache.grow(1, 1024 * 300), vattn.OutOfRange, "max_context"),
+            (lambda: cache.grow(slot, 1024 * 300), vattn.OutOfRange, "max_context"),
         ]
         for call, exc, text in cases:
             with pytest.raises(exc, match=text):
@@ -196,7 +198,7 @@ def test_daemon_gone_gives_clear_errors_not_hangs(short_tmp):
     try:
         with vattn.connect(d2.socket) as again:
             c2 = again.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=2048)
-            c2.grow(0, 100)
+            c2.grow(c2.alloc(), 100)
             assert torch.all(c2.k[0][0, :100] == 0)  # fresh pages, not the old daemon's
             c2.k[0][0, :100] = 1.0
             assert torch.all(cache.k[0][slot, :100] == 8.0)  # the old KV is the worker's own until it lets go
@@ -217,6 +219,8 @@ def test_many_fds_in_one_step(short_tmp):
         with vattn.connect(d.socket) as pool:
             cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=4, max_context=8192,
                                   dtype=torch.float16)
+            for _ in range(3):
+                cache.alloc()
             cache.step({0: 8192, 1: 8192, 2: 5000})  # 8 tensors x (128 + 128 + 79) pages = 2680 fds
             assert d.used_pages() == 8 * (128 + 128 + 79)
             for layer in range(4):
@@ -271,7 +275,7 @@ def test_all_layers_layout_wastes_at_most_one_page(pool, daemon):
         cache.v[layer][slot, :100] = -layer
     assert torch.equal(cache.kv[slot, :100, :, 0], torch.arange(layers, dtype=torch.float16).view(1, layers, 1, 1)
                        .expand(100, layers, heads, dim))
-    cache.step({slot: 1000, 1: 33})  # to the end; a second slot
+    cache.step({slot: 1000, cache.alloc(): 33})  # to the end; a second slot
     assert daemon.used_pages() == 32 + 2
     assert torch.all(cache.v[3][slot, :100] == -3)
     cache.free(slot)
@@ -284,7 +288,7 @@ def test_attention_on_both_layouts_equals_ordinary_tensors(pool, layout):
     torch.manual_seed(1)
     cache = pool.kv_cache(num_layers=3, num_kv_heads=2, head_dim=32, max_batch=2, max_context=512,
                           dtype=torch.float32, layout=layout)
-    cache.step({0: 300, 1: 300})
+    cache.step({cache.alloc(): 300, cache.alloc(): 300})
     for layer in range(3):
         cache.k[layer][:, :300] = torch.randn(2, 300, 2, 32)
         cache.v[layer][:, :300] = torch.randn(2, 300, 2, 32)
@@ -306,15 +310,15 @@ def test_eager_ahead_pages_and_async_step(pool, daemon):
     cache.grow(slot, 4000)  # capped at max_context
     assert cache.pages(slot) == 16
     # step_async grows on a background thread; wait() before using the pages.
-    fut = cache.step_async({1: 300, 2: 5})
+    fut = cache.step_async({cache.alloc(): 300, cache.alloc(): 5})
     cache.k[0][slot, :4000] = 1.0  # the current iteration goes on meanwhile
     cache.wait()
     assert fut.done() and cache.pages(1) == 4 and cache.pages(2) == 3
     cache.k[0][1, :300] = 2.0
-    # Errors surface from wait(), and the next call waits for the step first.
-    cache.step_async({1: 5000})
+    # A bad entry is refused at once; the daemon's errors surface from wait(); the next call waits for
+    # the step first.
     with pytest.raises(vattn.OutOfRange):
-        cache.wait()
-    fut = cache.step_async({3: 1})
+        cache.step_async({1: 5000})
+    fut = cache.step_async({cache.alloc(): 1})
     cache.free(3)  # waits for the step, then frees
     assert fut.done() and cache.pages(3) == 0

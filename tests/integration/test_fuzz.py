@@ -97,7 +97,7 @@ def target(daemon):
     """A session with a region and some pages, so that real ids are in play."""
     pool = vattn.connect(daemon.socket, name="fuzz-victim")
     cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=2048)
-    cache.grow(0, 700)
+    cache.grow(cache.alloc(), 700)
     yield pool, cache
     pool.close()
 
@@ -194,7 +194,7 @@ def test_garbage_on_the_fd_channel_ends_only_that_session(daemon, target):
         sock.close()
     daemon.wait_used_pages(before[0][0][0])
     assert state(daemon.socket)[0] == before[0]
-    cache.grow(1, 100)  # the victim's own session still works
+    cache.grow(cache.alloc(), 100)  # the victim's own session still works
     cache.free(1)
     audit(daemon.socket)
     assert daemon.proc.poll() is None

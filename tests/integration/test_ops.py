@@ -43,10 +43,10 @@ def test_metrics_match_what_the_workers_did(daemon):
         ca = a.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
         cb = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
         ca.grow(ca.alloc(), 1000)  # 4 pages x 4 tensors
-        ca.step({1: 256, 2: 257})  # (1 + 2) x 4
+        ca.step({ca.alloc(): 256, ca.alloc(): 257})  # slots 1, 2: (1 + 2) x 4
         cb.grow(cb.alloc(), 256)  # 1 x 2
         with pytest.raises(vattn.OutOfRange):
-            cb.grow(0, 5000)
+            b.session.grow(cb.region_id, 0, 5000)  # the daemon's check (the cache would refuse it itself)
         with pytest.raises(vattn.PermissionDenied):
             b.session.grow(ca.region_id, 0, 10)
         s = scrape(daemon.metrics_url)
@@ -227,7 +227,7 @@ def test_config_file_keys_are_the_flags_and_flags_win(short_tmp):
 
 def test_top_shows_pools_tenants_and_sessions(daemon, pool):
     cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
-    cache.grow(0, 300)
+    cache.grow(cache.alloc(), 300)
     out = run_cli("top", "--once", "--socket", daemon.socket, env=dict(os.environ, COLUMNS="160"))
     assert out.returncode == 0, out.stderr
     for text in ("vattnd 0.1.0", "Tenants", "Sessions", "cpu", "default", "pytest", "256 KiB"):

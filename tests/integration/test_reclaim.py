@@ -52,8 +52,8 @@ def test_daemon_asks_an_idle_worker_for_its_pages(daemon, pool):
         # This worker needs 384 pages: 256 are free, the rest must come back from the idle worker.
         cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=2, max_context=6144)
         t0 = time.monotonic()
-        cache.grow(0, 6144)  # 24 pages x 8 tensors = 192
-        cache.grow(1, 6144)  # another 192: 384 in all
+        cache.grow(cache.alloc(), 6144)  # 24 pages x 8 tensors = 192
+        cache.grow(cache.alloc(), 6144)  # another 192: 384 in all
         waited = time.monotonic() - t0
         assert cache.pages(0) == cache.pages(1) == 24
         assert waited < 2.0
@@ -65,7 +65,7 @@ def test_daemon_asks_an_idle_worker_for_its_pages(daemon, pool):
         free_now = daemon.stats().pools[0].pages_free
         t0 = time.monotonic()
         with pytest.raises(vattn.ResourceExhausted):
-            spare.grow(0, 256 * (free_now // 2 + 1) + 256 * (holder.pages // 2))
+            spare.grow(spare.alloc(), 256 * (free_now // 2 + 1) + 256 * (holder.pages // 2))
         assert time.monotonic() - t0 < 5.0
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -80,9 +80,10 @@ def test_own_idle_pages_are_used_before_failing(pool, daemon):
     cache.grow(cache.alloc(), 8192)  # 384 of 512
     cache.free(0)
     cache.free(1)
-    slot = 3
+    slot = cache.alloc()
+    assert slot == 3  # the empty slot fits a 0-token request best
     cache.grow(slot, 8192)  # 128 free: fits
     cache.free(2)
     other = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_context=8192 * 2)
-    other.grow(0, 8192 * 2)  # needs 256 but 0 free: the session's own idle slots give them back
+    other.grow(other.alloc(), 8192 * 2)  # needs 256 but 0 free: the session's own idle slots give them back
     assert other.pages(0) == 64 and cache.idle_pages == 128

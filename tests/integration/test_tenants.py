@@ -37,15 +37,16 @@ def test_quota_bounds_a_tenant_and_only_that_tenant(tenant_daemon):
     with vattn.connect(d.socket, tenant="small") as a, vattn.connect(d.socket, tenant="small") as a2, \
             vattn.connect(d.socket, tenant="big") as b:
         ca = a.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
-        ca.grow(0, 2048)  # 8 pages x 2 tensors = 16 pages = 1 MiB: the whole quota
+        ca.grow(ca.alloc(), 2048)  # 8 pages x 2 tensors = 16 pages = 1 MiB: the whole quota
         ca2 = a2.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
+        ca2.alloc()
         before = stats(d.socket)
         with pytest.raises(vattn.ResourceExhausted, match=r"tenant 'small' is at its quota: this call needs 2 more "
                                                           r"pages .* holds 16 of its 16"):
             ca2.grow(0, 10)  # another session of the same tenant
         assert stats(d.socket).pools == before.pools
         cb = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
-        cb.grow(0, 4096)  # tenant big has no quota
+        cb.grow(cb.alloc(), 4096)  # tenant big has no quota
         tenants = {t.name: t for t in stats(d.socket).tenants}
         assert (tenants["small"].pages, tenants["small"].quota_pages, tenants["small"].priority) == (16, 16, -1)
         assert (tenants["big"].pages, tenants["big"].has_quota, tenants["big"].sessions) == (32, False, 1)
@@ -84,7 +85,7 @@ def test_sockets_have_restrictive_permissions_and_admin_is_separate(daemon, pool
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, path
     cache = pool.kv_cache(num_layers=1, num_kv_heads=1, head_dim=8, max_batch=1, max_context=16)
-    cache.grow(0, 16)
+    cache.grow(cache.alloc(), 16)
     # Workers see the pools; sessions and tenants only on the admin socket.
     worker_view = pool.stats()
     assert worker_view.pools[0].pages_used == 2 and not worker_view.sessions and not worker_view.tenants

@@ -106,7 +106,7 @@ def hold_idle(socket_path: str, slots: int, tokens: int, result) -> None:
     cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=slots, max_context=8192,
                           dtype=torch.float16, keep_freed=True)
     for slot in range(slots):
-        cache.grow(slot, tokens)
+        cache.grow(cache.alloc(), tokens)
     for slot in range(slots):
         cache.free(slot)
     result.put((os.getpid(), cache.idle_pages))

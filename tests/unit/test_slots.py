@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vattn.contract.errors import Internal, ResourceExhausted, VattnError
+from vattn.contract.errors import Internal, InvalidArgument, OutOfRange, ResourceExhausted, VattnError
 from vattn.contract.layout import Geometry, Layout, SlotGrant
 from vattn.slots import SlotTable
 from vattnd.pool import PoolCore, Shortage
@@ -47,6 +47,7 @@ def test_alloc_best_fits_freed_slots_that_kept_pages():
 
 def test_a_grant_is_checked_and_recorded_and_spares_go_oldest_first():
     t = table(spares=[10, 11, 12, 13, 14, 15])
+    t.alloc()
     plan, wanted = t.plan([(0, 16), (1, 0)])
     assert plan == [SlotGrant(0, 0, 1)] and wanted == 4
     assert t.spares_for(wanted) == [10, 11, 12, 13] and t.spares_for(7) is None and t.spares_for(0) is None
@@ -56,6 +57,34 @@ def test_a_grant_is_checked_and_recorded_and_spares_go_oldest_first():
     with pytest.raises(Internal, match="out of step"):
         t.check_grant([SlotGrant(0, 0, 1)])  # the daemon thinks slot 0 is empty: it is not
     t.check_grant([SlotGrant(0, 1, 2)])
+
+
+def test_bad_input_is_refused_with_typed_errors():
+    t = table(batch=3, context=256)
+    for call, exc, text in (
+        (lambda: t.allocated(1), InvalidArgument, "slot 1 of region 1 is not allocated: call alloc"),
+        (lambda: t.allocated(3), OutOfRange, "slot 3 is outside"),
+        (lambda: t.allocated(-1), OutOfRange, "slot -1"),
+        (lambda: t.allocated("0"), InvalidArgument, "slot must be a whole number, not '0'"),
+        (lambda: t.allocated(True), InvalidArgument, "not True"),
+        (lambda: t.alloc(tokens=1.5), InvalidArgument, "tokens must be a whole number"),
+    ):
+        with pytest.raises(exc, match=text):
+            call()
+    slot = t.alloc()
+    assert t.entry(slot, 7) == (slot, 7)
+    assert t.entry(slot, __import__("numpy").int64(9)) == (slot, 9)  # anything with __index__
+    for tokens, exc, text in ((-1, InvalidArgument, "negative"), (2.0, InvalidArgument, "whole number"),
+                              (257, OutOfRange, "max_context 256"), (None, InvalidArgument, "not None")):
+        with pytest.raises(exc, match=text):
+            t.entry(slot, tokens)
+    assert not t.covers(slot, 2.0) and not t.covers(1, 0) and t.covers(slot, 0)
+    with pytest.raises(InvalidArgument, match="slot 0 of region 1 is in use"):
+        t.alloc(slot=0)
+    assert t.alloc(slot=2) == 2 and t.alloc() == 1
+    t.release(1, keep_pages=False)
+    with pytest.raises(InvalidArgument, match="not allocated"):  # freed twice
+        t.allocated(1)
 
 
 class ClientAgainstCore(RuleBasedStateMachine):

@@ -38,15 +38,17 @@ class HostBackend:
     def create_pages(self, device: int, count: int) -> list[int]:
         if device != 0:
             raise BackendUnavailable(f"the host backend has device 0 only, not {device}")
-        fds = []
+        fds: list[int] = []
         try:
             for _ in range(count):
                 fd = os.memfd_create("vattnd-page", os.MFD_CLOEXEC)
-                self._fds.add(fd)
-                os.ftruncate(fd, self.page_size)
                 fds.append(fd)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot create host page {len(self._fds)}: {exc}") from exc
+                os.ftruncate(fd, self.page_size)
+        except OSError as exc:  # all or nothing: what was made is closed again
+            for fd in fds:
+                os.close(fd)
+            raise BackendUnavailable(f"cannot create host page {len(self._fds) + len(fds)}: {exc}") from exc
+        self._fds.update(fds)
         return fds
 
     def zeroed_pages(self, device: int, count: int) -> list[int]:

@@ -51,8 +51,8 @@ MAX_QUEUED = 8192
 MAX_PER_UID = 512
 ACCEPT_BACKOFF_S = 1.0
 SWEEP_EVERY_S = 0.25
-READ, WRITE = select.EPOLLIN, select.EPOLLOUT
-_CLOSED = select.EPOLLHUP | select.EPOLLERR
+READ, WRITE, HANGUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP
+_CLOSED = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _CALL_KINDS = ", ".join(sorted(ON_CHANNEL))
 
 
@@ -277,7 +277,9 @@ class ChannelServer:
                 try:
                     if mask & WRITE:
                         conn.flush()
-                    if mask & (READ | _CLOSED) and conn.ending is None:
+                    if conn.busy and mask & _CLOSED:
+                        self._close(conn)  # the worker went away while its call waits: end it now
+                    elif mask & (READ | _CLOSED) and conn.ending is None:
                         if conn.session is None:
                             self._hello(conn)
                         else:
@@ -312,7 +314,8 @@ class ChannelServer:
                         conn.session.id if conn.session else "(none yet)", conn.peer.pid, conn.ending)
                 self._close(conn)
             return
-        events = WRITE if conn.queued else 0 if conn.busy else READ
+        # A call waiting for pages: read nothing more of this session, but see it go away.
+        events = WRITE if conn.queued else HANGUP if conn.busy else READ
         if events == conn.events:
             return
         fd = conn.sock.fileno()
@@ -320,8 +323,6 @@ class ChannelServer:
             return  # closed meanwhile
         if conn.events == 0:
             self._epoll.register(fd, events)
-        elif events == 0:
-            self._epoll.unregister(fd)
         else:
             self._epoll.modify(fd, events)
         conn.events = events

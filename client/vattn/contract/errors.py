@@ -54,6 +54,16 @@ class ResourceExhausted(VattnError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(VattnError):
+    """The object is not in a state that allows the call (see :class:`Closed`)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Closed(FailedPrecondition):
+    """The pool, session or cache was closed; the message names which. Connect again to go on."""
+
+
 class Unavailable(VattnError):
     """The daemon cannot be reached, is shutting down, or the channel broke."""
 
@@ -75,6 +85,7 @@ ERRORS_BY_CODE: dict[str, type[VattnError]] = {
         PermissionDenied,
         OutOfRange,
         ResourceExhausted,
+        FailedPrecondition,
         Unavailable,
         Internal,
     )
@@ -88,6 +99,6 @@ def error_for(code: str, message: str) -> VattnError:
 
 
 __all__ = [
-    "ERRORS_BY_CODE", "Internal", "InvalidArgument", "NotFound", "OutOfRange", "PermissionDenied",
-    "ResourceExhausted", "Unauthenticated", "Unavailable", "VattnError", "error_for",
+    "ERRORS_BY_CODE", "Closed", "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "OutOfRange",
+    "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable", "VattnError", "error_for",
 ]
