@@ -423,7 +423,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
-    daemon = launch_daemon("cuda" if device == "cuda" else "host", args.pool_size, args.page_size, "--devices", "0")
+    daemon = launch_daemon("cuda" if device == "cuda" else "host", args.pool_size, args.page_size)
     cases = [("prefill", 1, int(n)) for n in args.prefill.split(",") if n]
     cases += [("decode", int(b), int(n)) for n in args.decode_context.split(",") if n for b in args.batch.split(",")]
     prefill_rows, decode_rows = ([], []), ([], [])

@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write each row's medians and p99s (seconds) to this file")
     args = ap.parse_args()
 
-    daemon = launch_daemon(args.backend, args.pool_size, str(PAGE), "--devices", args.devices)
+    daemon = launch_daemon(args.backend, args.pool_size, str(PAGE), devices=args.devices)
     sock = daemon.socket
     try:
         ctx = multiprocessing.get_context("spawn")

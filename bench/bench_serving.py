@@ -42,7 +42,7 @@ TOKEN_ALL = 2 * LAYERS * HEADS_KV * DIM * 2  # 128 KiB per token, all layers
 
 
 def start_daemon(page_size: str, pool_size: str):
-    daemon = launch_daemon("cuda", pool_size, page_size, "--devices", "0")
+    daemon = launch_daemon("cuda", pool_size, page_size)
     return daemon.proc, daemon.socket
 
 

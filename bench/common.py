@@ -29,8 +29,14 @@ class BenchDaemon:
         self.proc.wait(60)
 
 
-def launch_daemon(backend: str, pool_size: str, page_size: str, *extra: str, wait: bool = True) -> BenchDaemon:
-    """Starts `vattnd start` on a private socket (metrics off, warnings only); waits until SERVING."""
+def launch_daemon(backend: str, pool_size: str, page_size: str, *extra: str, wait: bool = True,
+                  devices: str = "0") -> BenchDaemon:
+    """Starts `vattnd start` on a private socket (metrics off, warnings only); waits until SERVING.
+
+    ``devices``: the GPUs a cuda daemon serves (the host backend has one device and takes no --devices).
+    """
+    if backend != "host":
+        extra = ("--devices", devices, *extra)
     folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
     sock = os.path.join(folder, "vattnd.sock")
     log_path = os.path.join(folder, "vattnd.log")

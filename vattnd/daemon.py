@@ -96,6 +96,15 @@ def raise_nofile_limit(needed: int) -> int:
     return want
 
 
+def _whole_pages(flag: str, size: int, page_size: int) -> None:
+    """Refuses a size that is not a whole number of pages, naming the two nearest that are."""
+    if size % page_size:
+        low = size // page_size * page_size
+        near = ([format_size(low)] if low else []) + [format_size(low + page_size)]
+        raise StartupError(f"{flag}{format_size(size)} is not a whole number of {format_size(page_size)} pages: "
+                           f"use {' or '.join(near)} (or another --page-size)")
+
+
 def _restrict(path: str, mode: int, group: str | None) -> None:
     """Sets a socket file's mode and, if given, its group."""
     if group is not None:
@@ -147,6 +156,7 @@ class Daemon:
         self._bring_up_error: BaseException | None = None
         self._pages_wanted: dict[int, int] = {}
         self._owns_socket = False  # only a socket this daemon bound is removed at stop
+        self._listening = False  # whether it got as far as serving (then its stop is worth a log line)
 
     # ----- start -----------------------------------------------------------
     def start(self) -> None:
@@ -161,17 +171,30 @@ class Daemon:
         except BackendUnavailable as exc:
             raise StartupError(str(exc)) from None
         devices = list(self.backend.devices())
+        host = self.backend.kind == "host"
+        if host and cfg.devices is not None:
+            raise StartupError(f"--devices {','.join(map(str, cfg.devices))} picks GPUs, but the backend is host "
+                               "memory (one device): drop --devices, or use --backend cuda on a GPU node")
         for dev in devices:
             size = cfg.pool_size
-            if size is None:
-                size = DEFAULT_HOST_POOL if self.backend.kind == "host" else int(dev.memory_bytes * DEFAULT_GPU_SHARE)
+            if size is None:  # a default: the whole pages of it
+                size = DEFAULT_HOST_POOL if host else int(dev.memory_bytes * DEFAULT_GPU_SHARE)
             pages = size // cfg.page_size
             if pages < 1:
                 raise StartupError(
                     f"--pool-size {format_size(size)} is smaller than one page of "
                     f"{format_size(cfg.page_size)}: raise --pool-size or lower --page-size"
                 )
+            if cfg.pool_size is not None:
+                _whole_pages("--pool-size ", size, cfg.page_size)
+                if host and dev.memory_bytes and size > dev.memory_bytes:
+                    raise StartupError(
+                        f"--pool-size {format_size(size)} is more than this machine's memory "
+                        f"({format_size(dev.memory_bytes)}): the pool would run the machine out of memory as "
+                        "it fills; lower --pool-size")
             self._pages_wanted[dev.index] = pages
+        for tenant, quota in sorted(cfg.quotas.items()):
+            _whole_pages(f"--quota {tenant}=", quota, cfg.page_size)
         raise_nofile_limit(sum(self._pages_wanted.values()))
 
         core = PoolCore(cfg.page_size, reuse=cfg.reuse_pages)
@@ -184,20 +207,25 @@ class Daemon:
             quota = cfg.quotas.get(tenant)
             core.set_quota(tenant, None if quota is None else quota // cfg.page_size, cfg.priorities.get(tenant))
 
-        _claim_socket_path(cfg.socket)
+        _claim_socket_path(cfg.socket)  # refuses a live daemon's socket before anything binds
+        dispatcher = Dispatcher(service, RpcMetrics(self.registry))
+        if cfg.metrics_port is not None:  # before any socket file exists: a taken port leaves none behind
+            self.registry.register(PoolCollector(service.snapshot, facts.device_names, service.counters))
+            try:
+                self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} ({exc.strerror or exc}; another "
+                    "vattnd?): pick another --metrics-port, 0 for any free port, or -1 for no metrics") from None
+            mhost, port = self.metrics_server.server_address[:2]
+            self.metrics_url = facts.metrics_url = f"http://{mhost}:{port}"
         self._owns_socket = True
         chan = channel_path(cfg.socket)
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
-        dispatcher = Dispatcher(service, RpcMetrics(self.registry))
         self.channel = ChannelServer(chan, service, dispatcher, cfg.socket_mode)
         facts.channel_path = chan
 
-        if cfg.metrics_port is not None:
-            self.registry.register(PoolCollector(service.snapshot, facts.device_names, service.counters))
-            self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, self.registry)
-            host, port = self.metrics_server.server_address[:2]
-            self.metrics_url = facts.metrics_url = f"http://{host}:{port}"
         self.server, self.health = create_server(f"unix:{cfg.socket}", dispatcher, cfg.rpc_threads)
         admin = admin_path(cfg.socket)
         if os.path.lexists(admin):
@@ -210,6 +238,7 @@ class Daemon:
         self.server.start()
         self.admin_server.start()
         self.channel.start()
+        self._listening = True
         log.info(
             "vattnd %s listening on %s (fd channel %s, metrics %s) after %.0f ms; backend %s, "
             "page size %s, building %s",
@@ -333,4 +362,5 @@ class Daemon:
                 os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
-        log.info("vattnd stopped")
+        if self._listening:
+            log.info("vattnd stopped")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import vattnd
+from vattn.contract.units import format_size
 from vattn.contract.errors import (
     Internal,
     InvalidArgument,
@@ -592,7 +593,13 @@ class PoolService:
         tenant = request.tenant
         if not TENANT_NAME.fullmatch(tenant):
             raise InvalidArgument(f"tenant name {tenant!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
-        pages = None if request.unlimited else request.quota_bytes // self.core.page_size
+        page_size = self.core.page_size
+        if not request.unlimited and not request.keep_quota and request.quota_bytes % page_size:
+            low = request.quota_bytes // page_size * page_size
+            raise InvalidArgument(
+                f"quota {format_size(request.quota_bytes)} is not a whole number of {format_size(page_size)} pages: "
+                f"use {format_size(low + page_size)}" + (f" or {format_size(low)}" if low else ""))
+        pages = None if request.unlimited else request.quota_bytes // page_size
         priority = request.priority if request.set_priority else None
         with self.lock:
             self.core.set_quota(tenant, self.core.quota(tenant) if request.keep_quota else pages, priority)

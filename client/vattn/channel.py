@@ -10,6 +10,14 @@ from vattn.contract.errors import Internal, Unavailable
 from vattn.v1 import channel_pb2
 
 
+def _gone(exc: OSError | None = None) -> Unavailable:
+    """What a worker is told when its session's channel closes under it."""
+    why = f" ({exc.strerror or exc})" if exc is not None else ""
+    return Unavailable(
+        f"vattnd went away (it stopped or was killed) or ended this session{why}: the KV this process has "
+        "mapped stays readable until it is freed; pool.reconnect() (or vattn.connect()) opens a new session")
+
+
 class ClientChannel:
     """A connected channel socket: opens the session, makes calls, receives page fds.
 
@@ -47,13 +55,11 @@ class ClientChannel:
         try:
             size, ancdata, flags, _ = self.sock.recvmsg_into([self._buf], wire.ANCILLARY_BYTES)
         except OSError as exc:
-            raise Unavailable(f"the fd channel to vattnd broke: {exc}") from None
+            raise _gone(exc) from None
         fds = wire.fds_of(ancdata)
         if size == 0:
             wire.close_fds(fds)
-            raise Unavailable(
-                "vattnd went away (it stopped or was killed) or ended this session: the KV this process has "
-                "mapped stays readable until it is freed; pool.reconnect() (or vattn.connect()) opens a new session")
+            raise _gone()
         if flags & wire.MSG_CTRUNC:
             wire.close_fds(fds)
             raise Internal("page fds were cut off in transit: this process hit its open-file limit; raise it (ulimit -n)")
@@ -95,7 +101,7 @@ class ClientChannel:
         try:
             self.sock.send(wire.encode(channel_pb2.ChannelMessage(call=call)))
         except OSError as exc:
-            raise Unavailable(f"the fd channel to vattnd broke: {exc}") from None
+            raise _gone(exc) from None
         return call.call_id
 
     def wait_result(self, call_id: int) -> tuple[channel_pb2.CallResult, list[int]]:

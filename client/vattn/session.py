@@ -37,9 +37,10 @@ def translate(exc: grpc.RpcError, socket_path: str) -> VattnError:
     code = exc.code()
     details = exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(
-            f"cannot reach vattnd at {socket_path} ({details}); is it running? start it with `vattnd start`"
-        )
+        if "connect" in details or "No such file" in details:
+            return Unavailable(f"cannot reach vattnd at {socket_path}: nothing answers there; is it running? "
+                               "start it with `vattnd start`")
+        return Unavailable(f"vattnd at {socket_path} is not available ({details}); retry, or see its log")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"vattnd at {socket_path} did not answer in time ({details})")
     return error_for(code.name, details)
@@ -254,7 +255,8 @@ class Session:
 
 
 def _admin_call(socket_path: str | None, method: str, request, timeout: float):
-    path = admin_path(socket_path or default_socket())
+    sock = socket_path or default_socket()
+    path = admin_path(sock)
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
         raise PermissionDenied(f"no access to the admin socket {path}: run as its owner (or a member of "
                                "vattnd's --admin-group)")
@@ -262,7 +264,7 @@ def _admin_call(socket_path: str | None, method: str, request, timeout: float):
         try:
             return getattr(pb_grpc.AdminStub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise translate(exc, path) from None
+            raise translate(exc, sock) from None
 
 
 def stats(socket_path: str | None = None, timeout: float = 5.0) -> pb.StatsReply:

@@ -219,7 +219,8 @@ class ChannelServer:
     def stop(self) -> None:
         self._stopping = True
         os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=5)
         for conn in list(self._by_fd.values()):
             conn.close()
         self._by_fd.clear()
