@@ -79,15 +79,22 @@ def wait_serving(socket_path: str, proc: subprocess.Popen, log_path: str, timeou
 
 
 def start_daemon(folder: str, *extra: str, pool_size: str = "32MiB", page_size: str = "64KiB",
-                 backend: str = "host", wait: bool = True) -> RunningDaemon:
+                 backend: str = "host", wait: bool = True, open_files: int | None = None) -> RunningDaemon:
+    """Starts ``vattnd start`` on a socket in ``folder``; ``open_files``: its soft RLIMIT_NOFILE."""
     socket_path = os.path.join(folder, "vattnd.sock")
     log_path = os.path.join(folder, "vattnd.log")
     args = [
         sys.executable, "-m", "vattnd_cli", "start", "--socket", socket_path, "--backend", backend,
         "--pool-size", pool_size, "--page-size", page_size, "--metrics-port", "0", "--log-level", "debug", *extra,
     ]
+    def limit_files():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=limit_files if open_files else None)
     daemon = RunningDaemon(socket_path, proc, log_path, args)
     if wait:
         wait_serving(socket_path, proc, log_path)

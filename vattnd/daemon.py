@@ -73,6 +73,9 @@ class Config:
     tenant_uids: dict[str, set[int]] = field(default_factory=dict)
     # Who gets a freed page back as it is: "session" (only its last holder) or "principal" (same uid and tenant).
     reuse_pages: str = "session"
+    # Seconds a worker may keep the daemon waiting (its Hello, reading its replies).
+    client_timeout: float = 5.0
+    max_connections_per_uid: int = 512
     rpc_threads: int = 16
     on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
 
@@ -223,7 +226,8 @@ class Daemon:
         chan = channel_path(cfg.socket)
         if os.path.lexists(chan):
             os.unlink(chan)  # ours: the gRPC socket's probe above showed no daemon runs
-        self.channel = ChannelServer(chan, service, dispatcher, cfg.socket_mode)
+        self.channel = ChannelServer(chan, service, dispatcher, cfg.socket_mode, hello_timeout_s=cfg.client_timeout,
+                                     send_stall_s=cfg.client_timeout, max_per_uid=cfg.max_connections_per_uid)
         facts.channel_path = chan
 
         self.server, self.health = create_server(f"unix:{cfg.socket}", dispatcher, cfg.rpc_threads)

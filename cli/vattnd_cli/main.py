@@ -152,8 +152,15 @@ class JsonFormatter(logging.Formatter):
               default="session", show_default=True,
               help="Who gets a freed page back as it is: only the session that held it (others get it replaced "
                    "by a zeroed page), or also other sessions of the same Unix user and tenant.")
+@click.option("--client-timeout", envvar="VATTND_CLIENT_TIMEOUT", type=click.FloatRange(0.1, 3600), default=5.0,
+              show_default=True,
+              help="Seconds a worker may keep the daemon waiting: to say Hello, or to read its replies; then its "
+                   "connection (and session) is ended.")
+@click.option("--max-connections-per-uid", envvar="VATTND_MAX_CONNECTIONS_PER_UID", type=click.IntRange(1, 1 << 20),
+              default=512, show_default=True, help="Open fd-channel connections (sessions) one Unix user may hold.")
 def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level, log_format,
-          quotas, priorities, tenant_uids, socket_group, admin_group, reuse_pages) -> None:
+          quotas, priorities, tenant_uids, socket_group, admin_group, reuse_pages, client_timeout,
+          max_connections_per_uid) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json"
@@ -165,7 +172,8 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
         socket=socket_path, backend=backend, pool_size=pool_size, page_size=page_size,
         metrics_port=None if metrics_port == -1 else metrics_port, metrics_host=metrics_host, devices=devices,
         quotas=quotas, priorities=priorities, tenant_uids=tenant_uids, socket_group=socket_group,
-        admin_group=admin_group, reuse_pages=reuse_pages,
+        admin_group=admin_group, reuse_pages=reuse_pages, client_timeout=client_timeout,
+        max_connections_per_uid=max_connections_per_uid,
     )
     daemon = Daemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())

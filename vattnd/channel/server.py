@@ -50,6 +50,7 @@ SEND_STALL_S = 5.0
 MAX_QUEUED = 8192
 MAX_PER_UID = 512
 ACCEPT_BACKOFF_S = 1.0
+LIMIT_LOG_EVERY_S = 10.0
 SWEEP_EVERY_S = 0.25
 READ, WRITE, HANGUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP
 _CLOSED = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
@@ -207,7 +208,9 @@ class ChannelServer:
         self._lock = threading.Lock()
         self._dirty: set[Connection] = set()
         self._accept_paused_until = 0.0
+        # Connections refused at the open-file limit since the last log line about it, and when that was.
         self._refused_at_limit = 0
+        self._limit_logged_at = -LIMIT_LOG_EVERY_S
         self._stopping = False
         self._buf = bytearray(wire.MAX_CALL_BYTES)  # one receive buffer: one thread reads
         self._next_sweep = 0.0
@@ -341,10 +344,6 @@ class ChannelServer:
                 self._update(conn)
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            if self._refused_at_limit:
-                log.warning("fd channel: refused %d connections at the open-file limit in the last %g s",
-                            self._refused_at_limit, ACCEPT_BACKOFF_S)
-                self._refused_at_limit = 0
             self._epoll.register(self._listener.fileno(), READ)
 
     def _close(self, conn: Connection) -> None:
@@ -404,10 +403,14 @@ class ChannelServer:
             except OSError:
                 self._reserve = None
         if not self._accept_paused_until:
-            if self._refused_at_limit == 1:
-                log.warning("fd channel: at the open-file limit; refusing new connections, serving existing ones")
             self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
             self._epoll.unregister(self._listener.fileno())
+        now = time.monotonic()
+        if now - self._limit_logged_at >= LIMIT_LOG_EVERY_S:  # one line per interval, however hard it is hit
+            log.warning("fd channel: at the open-file limit: refused %d connections since the last such line, "
+                        "pausing %g s between tries; sessions already open are served", self._refused_at_limit,
+                        ACCEPT_BACKOFF_S)
+            self._limit_logged_at, self._refused_at_limit = now, 0
 
     def _refuse(self, conn: Connection, reason: str) -> None:
         conn.send(cpb.ChannelMessage(refused=cpb.Refused(reason=reason)))
