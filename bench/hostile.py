@@ -9,7 +9,7 @@ workers while --hostile processes of each kind run beside them:
 
   slow readers      pipeline grows on their session and never read a reply
   connection flood  keep 50 connections open that never say Hello
-  region flood      register 256 empty regions of 65536 slots each, in a
+  region flood      register 64 empty regions of 65536 slots each, in a
                     tenant whose quota is one page, close, again
   tenant churn      open and close sessions under fresh tenant names
   stopped holders   hold idle pages (freed slots kept), then SIGSTOP
@@ -144,7 +144,7 @@ def region_flooder(sock: str, seconds: float, out) -> None:
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
         chan = _raw(sock, "region-flood", tenant="tiny")
-        for _ in range(256):
+        for _ in range(64):
             result, _ = chan.call(cpb.Call(register_region=pb.RegisterRegionRequest(geometry=huge)))
             regions += result.WhichOneof("result") == "layout"
         chan.close()

@@ -8,6 +8,7 @@ counters that a second Collector reads at scrape time.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import threading
 from typing import Callable, Iterable
@@ -19,6 +20,8 @@ from prometheus_client.utils import floatToGoString
 
 from vattnd.pool.core import Snapshot
 
+# Sessions given a series of their own at most (the largest): series must stay bounded.
+MAX_SERIES = 1000
 # Grow/Step latency buckets, in seconds: 25 us .. 1 s.
 LATENCY_BUCKETS = (
     25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6,
@@ -77,9 +80,10 @@ class PoolCollector(Collector):
         yield used_bytes
         yield GaugeMetricFamily("vattnd_pool_page_size_bytes", "Size of one physical page.", value=snap.page_size)
         sessions = GaugeMetricFamily(
-            "vattnd_session_pages", "Pages held by each open session.", labels=["session", "pid", "name"]
+            "vattnd_session_pages", "Pages held by each open session (the 1000 holding most).",
+            labels=["session", "pid", "name"]
         )
-        for s in snap.sessions:
+        for s in heapq.nlargest(MAX_SERIES, snap.sessions, key=lambda s: (s.pages, -s.id)):
             sessions.add_metric([str(s.id), str(s.pid), s.name], s.pages)
         yield sessions
         yield GaugeMetricFamily("vattnd_sessions", "Open sessions.", value=len(snap.sessions))

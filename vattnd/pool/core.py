@@ -59,7 +59,7 @@ RegionId = NewType("RegionId", int)
 
 DEFAULT_TENANT = "default"
 # Regions one session may hold at once (each costs the daemon a little memory, whatever its pages).
-MAX_REGIONS_PER_SESSION = 256
+MAX_REGIONS_PER_SESSION = 64
 # Who may reuse a page another session held, without it being replaced first.
 REUSE_POLICIES = ("session", "principal")
 
