@@ -49,6 +49,7 @@ POOL: tuple[Method, ...] = (
     Method("Step", pb.StepRequest, pb.GrantReply, PoolService.step, SESSION, timed=True),
     Method("Shrink", pb.ShrinkRequest, pb.ShrinkReply, PoolService.shrink, SESSION),
     Method("Free", pb.FreeRequest, pb.ShrinkReply, PoolService.free, SESSION),
+    Method("ReleaseSpares", pb.ReleaseSparesRequest, pb.ShrinkReply, PoolService.release_spares, SESSION),
     Method("Stats", pb.StatsRequest, pb.StatsReply, lambda svc, s, r: svc.stats(full=False), OPEN),
 )
 ADMIN: tuple[Method, ...] = (

@@ -28,7 +28,7 @@ from vattnd.backends import BackendUnavailable, PageBackend, open_backend
 from vattnd.calls import Dispatcher
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
-from vattnd.pages import PageTable
+from vattnd.pages import page_table
 from vattnd.pool import PoolCore
 from vattnd.rpc.servicer import POOL_SERVICE, create_admin_server, create_server
 from vattnd.sdnotify import notify
@@ -80,9 +80,15 @@ class Config:
     on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
 
 
-def raise_nofile_limit(needed: int) -> int:
-    """Raises RLIMIT_NOFILE to cover ``needed`` fds (+ headroom); returns the new soft limit."""
+def raise_nofile_limit(needed: int, as_high_as_allowed: bool = False) -> int:
+    """Raises RLIMIT_NOFILE to cover ``needed`` fds (+ headroom), or to the hard limit; returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if as_high_as_allowed:
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return max(soft, hard)
     want = needed + 1024
     if soft >= want:
         return soft
@@ -97,6 +103,11 @@ def raise_nofile_limit(needed: int) -> int:
             ) from None
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return want
+
+
+def _fd_budget(limit: int) -> int:
+    """Exported page fds a CUDA daemon may cache: most of its open-file limit, less room for sessions."""
+    return max(256, (limit - 4096) * 3 // 4)
 
 
 def _whole_pages(flag: str, size: int, page_size: int) -> None:
@@ -198,13 +209,17 @@ class Daemon:
             self._pages_wanted[dev.index] = pages
         for tenant, quota in sorted(cfg.quotas.items()):
             _whole_pages(f"--quota {tenant}=", quota, cfg.page_size)
-        raise_nofile_limit(sum(self._pages_wanted.values()))
+        if self.backend.handles_are_fds:  # host: one memfd a page
+            raise_nofile_limit(sum(self._pages_wanted.values()))
+            fd_budget = 0
+        else:  # the daemon holds fds only for pages in flight and a cache of exported ones
+            fd_budget = _fd_budget(raise_nofile_limit(0, as_high_as_allowed=True))
 
         core = PoolCore(cfg.page_size, reuse=cfg.reuse_pages)
         for dev in devices:
             core.add_device(dev.index)
         facts = ServerFacts(device_names={dev.index: dev.name for dev in devices})
-        self.service = service = PoolService(core, PageTable(self.backend), facts=facts)
+        self.service = service = PoolService(core, page_table(self.backend, fd_budget), facts=facts)
         service.tenant_uids = {t: set(uids) for t, uids in cfg.tenant_uids.items()}
         for tenant in sorted(set(cfg.quotas) | set(cfg.priorities)):
             quota = cfg.quotas.get(tenant)
@@ -284,10 +299,10 @@ class Daemon:
         try:
             while done < wanted and not self._stopped.is_set():
                 count = min(BRING_UP_CHUNK, wanted - done)
-                fds = self.backend.create_pages(device, count)
-                self.service.add_pages(device, fds)
-                done += len(fds)
-                if len(fds) < count:
+                handles = self.backend.create_pages(device, count)
+                self.service.add_pages(device, handles)
+                done += len(handles)
+                if len(handles) < count:
                     # Out of device memory: other processes hold some, e.g. workers of
                     # a vattnd that was killed, whose imported pages stay alive until
                     # they let go. Serve what there is; take the rest as it frees up.
@@ -298,10 +313,10 @@ class Daemon:
                                 "and grows as memory frees up", device, done, wanted,
                                 format_size(done * self.config.page_size))
                     while not self._stopped.wait(OOM_RETRY_S):
-                        fds = self.backend.create_pages(device, min(BRING_UP_CHUNK, wanted - done))
-                        if fds:
-                            self.service.add_pages(device, fds)
-                            done += len(fds)
+                        handles = self.backend.create_pages(device, min(BRING_UP_CHUNK, wanted - done))
+                        if handles:
+                            self.service.add_pages(device, handles)
+                            done += len(handles)
                             break
                     if done >= wanted:
                         log.info("device %d: pool complete after waiting for memory: %d pages", device, done)
@@ -358,6 +373,8 @@ class Daemon:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
+        if self.service is not None:
+            self.service.pages.close()  # its cached fds, before the backend releases the pages
         if self.backend is not None:
             self.backend.close()
             self.backend = None

@@ -20,6 +20,7 @@ the only backend work done under it).
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import re
@@ -42,7 +43,7 @@ from vattn.contract.errors import (
 )
 from vattn.v1 import channel_pb2 as cpb
 from vattn.v1 import vattn_pb2 as pb
-from vattnd.pages import PageTable
+from vattnd.pages import ExportedPages, HostPages
 from vattnd.pool.core import (
     DEFAULT_TENANT,
     EMPTY_GRANT,
@@ -69,6 +70,11 @@ MAX_LISTED = 1000
 CLEAN_BATCH = 64
 CLEAN_RESERVE = 1 / 16
 CLEAN_BACKOFF_S = 1.0
+# The exporter keeps fds ready for twice the recent demand per device (at least this many pages), for
+# the clean pages and the recent holders' own pages, exporting this many at a time.
+EXPORT_MIN = 64
+EXPORT_HOLDERS = 8
+EXPORT_BATCH = 256
 
 DTYPE_SIZES = {
     pb.DTYPE_FLOAT16: 2,
@@ -215,7 +221,7 @@ def tenant_info(t) -> pb.TenantInfo:
 
 
 class PoolService:
-    def __init__(self, core: PoolCore, pages: PageTable, clock: Callable[[], float] = time.time,
+    def __init__(self, core: PoolCore, pages: HostPages | ExportedPages, clock: Callable[[], float] = time.time,
                  reclaim_wait: float = RECLAIM_WAIT_S, facts: ServerFacts | None = None):
         self.core = core
         self.pages = pages
@@ -236,18 +242,26 @@ class PoolService:
         self._dirty = threading.Condition(self.lock)
         self._cleaner: threading.Thread | None = None
         self._clean_failed_at = 0.0
+        # The exporter (backends whose pages need exporting): fds ahead of need for the pages the next
+        # grants will take, per device: recent demand (pages a grant sent) and recent holders.
+        self._exportable = threading.Condition(self.lock)
+        self._exporter: threading.Thread | None = None
+        self._export_failed_at = 0.0
+        self._demand: dict[int, int] = {}
+        self._recent: dict[int, collections.OrderedDict] = {}
         self._closing = False
         self.started_at = clock()
         self.sessions_opened = 0
         self.sessions_closed = 0
         self.reclaims_asked = 0
 
-    def add_pages(self, device: int, fds: Sequence[int]) -> None:
-        """Puts freshly created pages into the pool (bring-up, any thread)."""
+    def add_pages(self, device: int, handles: Sequence) -> None:
+        """Puts freshly created pages (their backend handles) into the pool (bring-up, any thread)."""
         with self.lock:
-            ids = self.core.add_pages(device, len(fds))
-            assert ids.start == len(self.pages.fds)
-            self.pages.add(fds)
+            ids = self.core.add_pages(device, len(handles))
+            assert ids.start == len(self.pages.handles)
+            self.pages.add(handles)
+            self._wake_exporter()
             done = self._retry_waiting()
         self._finish(done)
 
@@ -260,8 +274,9 @@ class PoolService:
                 p.session.waiting = None
             self._deadlines.notify_all()
             self._dirty.notify_all()
+            self._exportable.notify_all()
         self._finish([(p, Unavailable("vattnd is stopping")) for p in waiting])
-        for thread in (self._deadline_thread, self._cleaner):
+        for thread in (self._deadline_thread, self._cleaner, self._exporter):
             if thread is not None:
                 thread.join()
 
@@ -369,6 +384,14 @@ class PoolService:
             kept = pages // self.core.region(s.id, request.region_id).num_tensors
         return Reply(pb.ShrinkReply(pages_per_tensor=kept, pages_released=0))
 
+    def release_spares(self, s: SessionHandle, request: pb.ReleaseSparesRequest) -> Reply:
+        with self.lock:
+            released = self.core.release_spares(s.id, request.region_id, request.page_ids)
+            done = self._retry_waiting() if self._waiting else []
+            self._pages_returned()
+        self._finish(done)
+        return Reply(pb.ShrinkReply(pages_per_tensor=0, pages_released=len(released)))
+
     def _shrink(self, s: SessionHandle, region_id: int, slot: int, tokens: int) -> Reply:
         with self.lock:
             keep, released = self.core.shrink(s.id, region_id, slot, tokens)
@@ -420,11 +443,14 @@ class PoolService:
         fd_pages = grant.fd_pages
         if not fd_pages:
             return Reply(grant_reply(0, grant))
+        device = core.device_of(fd_pages[0])
         try:
-            delivery = self.pages.deliver(core.device_of(fd_pages[0]), fd_pages, grant.replace)
+            delivery = self.pages.deliver(device, fd_pages, grant.replace)
         except BaseException:
             core.revert(s.id, region_id, grant)
             raise
+        if self.pages.exports_ahead:
+            self._note_grant(device, core.session(s.id).key, len(fd_pages))
         seq = self._next_seq(s)
         return Reply(grant_reply(seq, grant), delivery.fds, delivery.sent, seq)
 
@@ -495,11 +521,12 @@ class PoolService:
 
     # ----- the cleaner ------------------------------------------------------
     def _pages_returned(self) -> None:
-        """Pages came back dirty (self.lock held): the cleaner has work, maybe."""
+        """Pages came back dirty (self.lock held): the cleaner has work, maybe, and the exporter."""
         if self._cleaner is None and not self._closing:
             self._cleaner = threading.Thread(target=self._clean_loop, name="vattnd-cleaner", daemon=True)
             self._cleaner.start()
         self._dirty.notify()
+        self._wake_exporter()
 
     def _clean_work(self) -> tuple[int, list[int]] | None:
         """A batch of dirty pages to replace (self.lock held), or None."""
@@ -538,6 +565,61 @@ class PoolService:
                 self.core.cleaned(device, pages)
                 done = self._retry_waiting() if self._waiting else []
             self._finish(done)
+
+    # ----- the exporter -----------------------------------------------------
+    def _note_grant(self, device: int, key, pages: int) -> None:
+        """A grant sent ``pages`` fds on ``device`` to holder ``key`` (self.lock held): what to export next."""
+        self._demand[device] = max(pages, self._demand.get(device, 0) * 3 // 4)
+        recent = self._recent.setdefault(device, collections.OrderedDict())
+        recent[key] = None
+        recent.move_to_end(key)
+        if len(recent) > EXPORT_HOLDERS:
+            recent.popitem(last=False)
+        self._wake_exporter()
+
+    def _wake_exporter(self) -> None:
+        if not self.pages.exports_ahead or self._closing:
+            return
+        if self._exporter is None:
+            self._exporter = threading.Thread(target=self._export_loop, name="vattnd-exporter", daemon=True)
+            self._exporter.start()
+        self._exportable.notify()
+
+    def _export_work(self):
+        """Pages to export ahead of need (self.lock held): (device, pages, their handles), or None."""
+        if time.monotonic() < self._export_failed_at + CLEAN_BACKOFF_S:
+            return None
+        room = min(EXPORT_BATCH, self.pages.room())
+        if not room:
+            return None
+        for device in self.core.devices:
+            want = 2 * max(EXPORT_MIN, self._demand.get(device, 0))
+            upcoming = self.core.upcoming(device, list(self._recent.get(device, ())), want)
+            pages, handles = self.pages.wanting(upcoming, room)
+            if pages:
+                return device, pages, handles
+        return None
+
+    def _export_loop(self) -> None:
+        """Exports fds for the pages the next grants will take, so grants need not (tens of us a page)."""
+        while True:
+            with self.lock:
+                while not self._closing and (work := self._export_work()) is None:
+                    self._exportable.wait(CLEAN_BACKOFF_S)
+                if self._closing:
+                    return
+            device, pages, handles = work
+            try:
+                fds = self.backend.export_pages(device, handles)
+            except Exception as exc:  # noqa: BLE001 - grants export inline meanwhile
+                with self.lock:
+                    first = time.monotonic() - self._export_failed_at > 60.0
+                    self._export_failed_at = time.monotonic()
+                if first:
+                    log.warning("cannot export pages of device %d ahead of need (%s); retrying", device, exc)
+                continue
+            with self.lock:
+                self.pages.attach(pages, handles, fds)
 
     # ----- observing and operating -----------------------------------------
     def _pools(self, snap: Snapshot) -> list[pb.DevicePool]:

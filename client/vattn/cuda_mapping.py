@@ -106,6 +106,15 @@ class CudaMapper:
             pop = self._spares.pop
             return [pop(page, None) for page in page_ids]
 
+    def drop_spares(self, page_ids: Sequence[int]) -> None:
+        """Releases the imported handles of spares the daemon took back (waiting for their imports)."""
+        with self._cond:
+            while self._pending.intersection(page_ids):
+                self._cond.wait()
+            handles = [self._spares.pop(page) for page in page_ids if page in self._spares]
+        for handle in handles:
+            self.cu.cuMemRelease(handle)
+
     def wait_spares(self) -> None:
         """Blocks until every spare received so far is imported."""
         with self._cond:

@@ -384,15 +384,30 @@ class KVCache:
         """Pages kept mapped under freed slots (``keep_freed``)."""
         return self.slots.idle_pages()
 
+    def release_spares(self, pages: int) -> int:
+        """Gives back up to ``pages`` spare pages (the newest: least likely imported yet); returns how many."""
+        with self._lock:
+            spares = self.slots.spares
+            n = min(pages, len(spares))
+            if n <= 0 or self.closed:
+                return 0
+            back = list(spares)[len(spares) - n :]
+            self._session.release_spares(self.region_id, back)
+            for _ in range(n):
+                spares.pop()
+            self._mapper.drop_spares(back)
+            return n
+
     def release_idle(self, device: int, pages: int) -> int:
-        """Gives back up to ``pages`` pages of freed slots (largest first); returns how many.
+        """Gives back up to ``pages`` pages held but not in use: spares first, then freed slots (largest
+        first); returns how many.
 
         The daemon's reclaim requests end up here; call it yourself to trim.
         """
         if device != self.device_index or self.closed:
             return 0
-        given = 0
         with self._lock:
+            given = self.release_spares(pages)
             for slot in self.slots.reclaimable():
                 if given >= pages:
                     break

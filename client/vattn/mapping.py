@@ -48,6 +48,9 @@ class Mapper(Protocol):
     def map_pages(self, addrs: Sequence[int], page_ids: Sequence[int], fds: Sequence[int], page_size: int) -> None:
         """Maps page ``page_ids[i]`` at ``addrs[i]``: a spare if it is one, else the next of ``fds``."""
 
+    def drop_spares(self, page_ids: Sequence[int]) -> None:
+        """Lets go of spares the daemon took back (they will not be mapped)."""
+
     def wait_spares(self) -> None:
         """Blocks until the spares received so far are ready to map."""
 
@@ -88,6 +91,12 @@ class HostMapper:
 
     def add_spares(self, page_ids: Sequence[int], fds: Sequence[int]) -> None:
         self._spares.update(zip(page_ids, fds))
+
+    def drop_spares(self, page_ids: Sequence[int]) -> None:
+        for page in page_ids:
+            fd = self._spares.pop(page, None)
+            if fd is not None:
+                os.close(fd)
 
     def wait_spares(self) -> None:
         pass  # host spares need no preparation

@@ -101,7 +101,7 @@ class Pool:
             self.session.release_region(layout.region_id)
             raise
         self._caches.append(cache)
-        if keep_freed:
+        if keep_freed or prefetch_pages:  # pages held but unused: the daemon may ask for them back
             self.session.reclaim_handlers.append(cache.release_idle)
             self.session.start_listener()
         return cache

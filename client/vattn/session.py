@@ -170,6 +170,10 @@ class Session:
         request = pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
         return self.invoke("Shrink", request)[0]
 
+    def release_spares(self, region_id: int, page_ids) -> pb.ShrinkReply:
+        request = pb.ReleaseSparesRequest(session_token=self.token, region_id=region_id, page_ids=page_ids)
+        return self.invoke("ReleaseSpares", request)[0]
+
     def free(self, region_id: int, slot: int, keep_pages: bool = False) -> pb.ShrinkReply:
         request = pb.FreeRequest(session_token=self.token, region_id=region_id, slot=slot, keep_pages=keep_pages)
         return self.invoke("Free", request)[0]

@@ -247,13 +247,13 @@ def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
     cache._map(reply, fds)
     assert daemon.used_pages() == 8
     cache.k[1][slot, :256] = 5.0
-    cache.grow(slot, 600)  # 2 more pages per tensor: 4 spares + 4 fresh, 4 new spares
-    assert daemon.used_pages() == 4 * 3 + 4
+    cache.grow(slot, 600)  # 2 more pages per tensor: 4 spares + 4 fresh; spares follow the grant's 8
+    assert daemon.used_pages() == 4 * 3 + 8 and cache.spare_pages == 8
     assert torch.all(cache.k[1][slot, :256] == 5.0)
     cache.k[0][slot, 256:600] = 6.0
     assert torch.all(cache.k[0][slot, 256:600] == 6.0)
     cache.free(slot)
-    assert daemon.used_pages() == 4 == daemon.stats().pools[0].pages_spare
+    assert daemon.used_pages() == 8 == daemon.stats().pools[0].pages_spare
     cache.close()
     assert daemon.used_pages() == 0
 

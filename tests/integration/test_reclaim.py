@@ -87,3 +87,38 @@ def test_own_idle_pages_are_used_before_failing(pool, daemon):
     other = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=1, max_context=8192 * 2)
     other.grow(other.alloc(), 8192 * 2)  # needs 256 but 0 free: the session's own idle slots give them back
     assert other.pages(0) == 64 and cache.idle_pages == 128
+
+
+def spare_holder(socket_path: str, result) -> None:
+    """Grows a slot big once (its spares follow: as many again), frees it, then idles holding the spares."""
+    import vattn
+
+    pool = vattn.connect(socket_path, name="spare-holder")
+    cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=1, max_context=16384,
+                          prefetch_pages=2)  # 2 tensors, 256 tokens a page
+    slot = cache.alloc()
+    cache.grow(slot, 256 * 64)  # 128 pages; the spares follow the demand (a quarter of the free at most)
+    cache.free(slot)
+    result.put((os.getpid(), cache.spare_pages))
+    time.sleep(600)
+
+
+def test_spares_follow_demand_and_come_back_under_pressure(daemon, pool):
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=spare_holder, args=(daemon.socket, result))
+    proc.start()
+    try:
+        pid, spares = result.get(timeout=60)
+        assert spares == min(128, (512 - 2 - 126) // 4)  # followed the 128-page grant, within a quarter of the free
+        assert daemon.stats().pools[0].pages_spare == spares
+        # This worker needs more than is free: the daemon asks the holder, which gives its spares back.
+        free = daemon.stats().pools[0].pages_free
+        cache = pool.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=1, max_context=1 << 16)
+        t0 = time.monotonic()
+        cache.grow(cache.alloc(), 256 * ((free + spares) // 2))
+        assert time.monotonic() - t0 < 2.0
+        holder = next(s for s in daemon.stats().sessions if s.pid == pid)
+        assert holder.pages == 0 and daemon.stats().pools[0].pages_spare == 0
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+
+import pytest
 import socket
 import threading
 import time
@@ -16,7 +18,7 @@ from vattn.contract import wire
 from vattn.errors import ResourceExhausted, Unauthenticated, VattnError
 from vattn.v1 import vattn_pb2 as pb
 from vattnd.backends.host import HostBackend
-from vattnd.pages import PageTable
+from vattnd.pages import page_table
 from vattnd.pool import PoolCore
 from vattnd.service import Peer, PoolService, Reply
 
@@ -60,9 +62,10 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
             os.close(fd)
 
 
-def test_scrubs_and_session_ends_racing_never_double_close_or_leak():
-    backend = HostBackend(PAGE)
-    service = PoolService(PoolCore(PAGE, {0: 0}), PageTable(backend), reclaim_wait=0)
+@pytest.mark.parametrize("export", [False, True], ids=["memfds-sent-as-they-are", "fds-exported-on-demand"])
+def test_scrubs_and_session_ends_racing_never_double_close_or_leak(export):
+    backend = HostBackend(PAGE, export_fds=export)  # exported: the CUDA backend's way, on memfds
+    service = PoolService(PoolCore(PAGE, {0: 0}), page_table(backend, fd_budget=16), reclaim_wait=0)
     service.add_pages(0, backend.create_pages(0, PAGES))
     geometry = pb.Geometry(num_layers=1, num_kv_heads=1, head_dim=64, dtype=pb.DTYPE_FLOAT16, max_batch=4,
                            max_context=1024)  # 2 tensors, 128 B a token
@@ -137,14 +140,20 @@ def test_scrubs_and_session_ends_racing_never_double_close_or_leak():
     for handle in live:
         service.close_session(handle)
     assert not errors, errors
-    assert service.pages.replaced > 0, "the test never moved a page across tenants"
-    # Every page has one fd, open, distinct, and the backend's; nothing replaced is left open.
-    assert service.pages.in_flight() == (0, 0)
-    fds = service.pages.fds
-    assert len(set(fds)) == PAGES
-    for fd in fds:
+    service.close()
+    assert service.pages.replaced > 0, "the test never moved a page across sessions"
+    # Every page has one handle, open, distinct, and the backend's; nothing replaced is left open.
+    handles = service.pages.handles
+    assert len(set(handles)) == PAGES
+    for fd in handles:
         os.fstat(fd)
-    assert set(fds) == backend._fds
+    assert set(handles) == backend._fds
+    if export:  # fds only in the bounded cache (the sends are done), each an fd of a page's own memfd
+        assert len(service.pages.cached) <= 16 and service.pages.open_fds() == len(service.pages.cached)
+        for page, fd in service.pages.cached.items():
+            assert os.fstat(fd).st_ino == os.fstat(handles[page]).st_ino
+    else:
+        assert service.pages.in_flight() == (0, 0)
     audit = service.audit().message
     assert audit.pages_owned == 0 and audit.pages_free == PAGES
     backend.close()

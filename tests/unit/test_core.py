@@ -232,12 +232,14 @@ class PoolMachine(RuleBasedStateMachine):
         used = sum(
             n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][1] == device
         )
-        used += sum(held for r, (held, _) in self.spares.items() if self.regions[r][1] == device)
+        used += sum(held for r, (held, *_) in self.spares.items() if self.regions[r][1] == device)
         return self.PAGES[device] - used
 
     def _top_up(self, rid: int) -> None:
-        held, target = self.spares[rid]
-        n = min(target - held, self._free(self.regions[rid][1]))
+        held, floor, demand = self.spares[rid]
+        target = min(1 << 16, max(floor, demand)) if floor else 0
+        free = self._free(self.regions[rid][1])
+        n = min(target - held, free, max(floor - held, free // 4))  # above the floor: a quarter of the free
         tenant = self.core.tenant_of(self.regions[rid][0])
         if self.quota.get(tenant) is not None:
             n = min(n, self.quota[tenant] - self._tenant_held(tenant))
@@ -257,7 +259,7 @@ class PoolMachine(RuleBasedStateMachine):
         for (r, _), n in self.model.items():
             if self.core.tenant_of(self.regions[r][0]) == tenant:
                 held += n * self.regions[r][2].num_tensors
-        for r, (spare, _) in self.spares.items():
+        for r, (spare, *_) in self.spares.items():
             if self.core.tenant_of(self.regions[r][0]) == tenant:
                 held += spare
         return held
@@ -282,7 +284,7 @@ class PoolMachine(RuleBasedStateMachine):
         g = Geometry(layers, heads, 32, 2, batch, context)
         region, spares = self.core.register_region(sid, g, device, spare_target=spare)
         self.regions[region.id] = (sid, device, g)
-        self.spares[region.id] = [0, spare]
+        self.spares[region.id] = [0, spare, 0]  # held, floor, demand
         self._top_up(region.id)
         assert list(spares.spare_added) == region.spare and len(region.spare) == self.spares[region.id][0]
         self._claimed(spares, sid)
@@ -313,8 +315,11 @@ class PoolMachine(RuleBasedStateMachine):
         sid = owner
         if foreign and len(self.sessions) > 1:
             sid = data.draw(st.sampled_from([s for s in self.sessions if s != owner]))
-        slots = data.draw(st.lists(st.integers(-1, g.max_batch), max_size=4))
-        entries = [(s, data.draw(st.integers(-1, g.max_context + 1))) for s in slots]
+        valid = data.draw(st.booleans())  # half the time a step that can be granted, if the pool has room
+        slots = data.draw(st.lists(st.integers(0, g.max_batch - 1) if valid else st.integers(-1, g.max_batch),
+                                   max_size=4, unique=valid))
+        entries = [(s, data.draw(st.integers(0, g.max_context) if valid else st.integers(-1, g.max_context + 1)))
+                   for s in slots]
         before = state(self.core)
         expected: type[VattnError] | None = None
         if sid != owner:
@@ -369,6 +374,7 @@ class PoolMachine(RuleBasedStateMachine):
             have = self.model.get((rid, slot), 0)
             self.model[(rid, slot)] = max(have, self._pages_per_tensor(g, tokens))
         if want:
+            self.spares[rid][2] = max(want, self.spares[rid][2] * 3 // 4)  # the region's demand
             before_top_up = self.spares[rid][0]
             self._top_up(rid)
             assert len(grant.spare_added) == self.spares[rid][0] - before_top_up
@@ -427,7 +433,7 @@ class PoolMachine(RuleBasedStateMachine):
             held = sum(
                 n * self.regions[r][2].num_tensors for (r, _), n in self.model.items() if self.regions[r][0] == sid
             )
-            held += sum(h for r, (h, _) in self.spares.items() if self.regions[r][0] == sid)
+            held += sum(h for r, (h, *_) in self.spares.items() if self.regions[r][0] == sid)
             assert self.core.session(sid).pages == held
         for usage in self.core.tenants():
             assert usage.pages == self._tenant_held(usage.name)
@@ -435,7 +441,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -558,3 +564,30 @@ def test_a_short_pool_names_whom_to_ask_for_idle_pages():
     shortage = core.grow(asker, ra.id, 0, 16 * 10)  # 20 pages: 12 missing
     assert shortage.reclaim == ((low, 4), (high, 8))
     assert core.grow(high, rh.id, 2, 16 * 20).reclaim == ((low, 4),)  # never one's own idle pages
+
+
+def test_spares_follow_demand_within_a_quarter_of_the_free_pages():
+    core, sid = fresh(pages=1000)
+    region = register(core, sid, geo(context=1024), 0, spare_target=4)  # 4 tensors, 16 tokens a page
+    assert len(region.spare) == 4
+    grant = core.grow(sid, region.id, 0, 64)  # 16 pages: 4 spares + 12 fresh; the spares follow: 16
+    assert len(grant.fresh) == 12 and len(region.spare) == 16 and region.spare_target == 16
+    core.shrink(sid, region.id, 0, 0)
+    grant = core.grow(sid, region.id, 1, 64)  # a prefill-sized grow again: all from spares
+    assert grant.fresh == () and len(grant.spare_added) == 16
+    grant = core.grow(sid, region.id, 2, 16)  # a small one: demand decays (16 * 3/4 = 12), nothing to add
+    assert grant.spare_added == () and region.spare_target == 12 and len(region.spare) == 12
+    # Above the floor, spares take at most a quarter of what is free.
+    other = core.open_session(2, 0, 0, "other", 0.0).id
+    hog = register(core, other, geo(layers=1, batch=1, context=16 * 1000), 0)  # 2 tensors
+    core.grow(other, hog.id, 0, 16 * ((core.free_pages(0) - 300) // 2))  # leaves 300 or 301 free
+    grant = core.grow(sid, region.id, 3, 16 * 16)  # 64 pages: 12 spares + 52 fresh; demand 64
+    left = core.free_pages(0) + len(grant.spare_added)  # free after the 52, before the top-up
+    assert len(grant.fresh) == 52 and len(grant.spare_added) == left // 4 < 64
+    # Given back under pressure: free again, and the region holds no more than it has left.
+    back = list(region.spare[-3:])
+    assert core.release_spares(sid, region.id, back) == back
+    assert region.spare_floor <= len(region.spare) and region.demand == 0
+    with pytest.raises(InvalidArgument, match="not spares"):
+        core.release_spares(sid, region.id, back)
+    core.check_invariants()

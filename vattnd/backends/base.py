@@ -18,27 +18,34 @@ class DeviceInfo:
 
 
 class PageBackend(Protocol):
-    """Physical pages, each exported once as a POSIX fd.
+    """Physical pages behind opaque handles, and the fds workers map them with.
 
-    ``create_pages`` returns the new pages' fds; the backend owns them (and
-    whatever handle stands behind them) until ``close``. The daemon sends
-    these fds to workers (the kernel duplicates them on the way) and never
-    closes them itself.
+    A page is created as a *handle* the backend owns until ``release_pages``
+    or ``close``. ``export_pages`` makes a POSIX fd for each of some pages, to
+    send to a worker (SCM_RIGHTS duplicates it on the way). Where
+    ``handles_are_fds`` (host memfds), a page's handle *is* its fd: export
+    hands back the handles themselves and they must not be closed. Otherwise
+    (CUDA) each export is a new fd the caller closes once it has been sent,
+    so the daemon holds an fd only while a page is on its way to a worker.
     """
 
     kind: str  # "host" or "cuda": the proto's Backend enum, lower case
     page_size: int
+    handles_are_fds: bool
 
     def devices(self) -> Sequence[DeviceInfo]: ...
 
-    def create_pages(self, device: int, count: int) -> list[int]:
-        """Creates and exports up to ``count`` pages; fewer when the device runs out of memory."""
+    def create_pages(self, device: int, count: int) -> list:
+        """Creates up to ``count`` pages; fewer when the device runs out of memory."""
 
-    def zeroed_pages(self, device: int, count: int) -> list[int]:
-        """Creates ``count`` pages whose memory reads as zeros (all of them, or raises)."""
+    def export_pages(self, device: int, handles: Sequence) -> list[int]:
+        """An fd for each page (all of them, or raises having made none)."""
 
-    def release_pages(self, device: int, fds: Sequence[int]) -> None:
-        """Closes pages' fds and releases their memory.
+    def zeroed_pages(self, device: int, count: int) -> list:
+        """Creates ``count`` pages whose memory reads as zeros (all of them, or raises having made none)."""
+
+    def release_pages(self, device: int, handles: Sequence) -> None:
+        """Releases pages' memory.
 
         A worker that still holds one (an mmap, an imported handle) keeps only
         that old memory, which no one else will ever receive.

@@ -1,11 +1,12 @@
-"""CUDA backend: pages are VMM allocations exported once as POSIX fds.
+"""CUDA backend: pages are VMM allocations, exported as POSIX fds when they are sent.
 
 Every page is one ``cuMemCreate`` of ``page_size`` bytes with the POSIX-fd
-handle type, exported at creation with ``cuMemExportToShareableHandle``; the
-daemon keeps both the handle and the fd until it stops (export is the most
-expensive step, so it is never repeated per grant). Workers import the fd,
-map it into their reserved range and set read-write access
-(:mod:`vattn.cuda_mapping`).
+handle type; the daemon keeps the allocation handle. ``export_pages`` makes
+an fd per page with ``cuMemExportToShareableHandle`` when a page is about to
+go to a worker (the daemon does that ahead of need, and closes its fd once
+the send is done), so the daemon's open files follow the pages in flight,
+not the pool. Workers import the fd, map it into their reserved range and
+set read-write access (:mod:`vattn.cuda_mapping`).
 
 The driver needs a current context in every thread that calls it, so each
 entry point makes the device's primary context current first.
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 class CudaBackend:
     kind = "cuda"
+    handles_are_fds = False
 
     def __init__(self, page_size: int, devices: Sequence[int] | None = None):
         try:
@@ -43,7 +45,8 @@ class CudaBackend:
         self._devices: list[DeviceInfo] = []
         self._ctx: dict[int, object] = {}
         self._prop: dict[int, object] = {}
-        self._handle_of: dict[int, object] = {}  # exported fd -> its handle
+        # Every allocation this backend made and has not released, by its integer value.
+        self._handles: dict[int, object] = {}
         self._scratch: dict[int, int] = {}  # device -> a page of address space for zeroing
         fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         self._fd_type = fd_type
@@ -78,12 +81,12 @@ class CudaBackend:
     def _make_current(self, device: int) -> None:
         check(self.cu, self.cu.cuCtxSetCurrent(self._ctx[device]), "cuCtxSetCurrent")
 
-    def create_pages(self, device: int, count: int) -> list[int]:
-        """Creates and exports ``count`` pages on ``device``; returns their fds."""
+    def create_pages(self, device: int, count: int) -> list:
+        """Creates ``count`` pages on ``device`` (fewer if the device runs out of memory); returns their handles."""
         cu = self.cu
         self._make_current(device)
-        prop, size, fd_type = self._prop[device], self.page_size, self._fd_type
-        handles, fds = [], []
+        prop, size = self._prop[device], self.page_size
+        handles = []
         try:
             for _ in range(count):
                 err, handle = cu.cuMemCreate(size, prop, 0)
@@ -92,26 +95,36 @@ class CudaBackend:
                         break  # fewer pages than asked: the caller decides (bring-up retries later)
                     check(cu, (err,), "cuMemCreate")
                 handles.append(handle)
-                fds.append(check(cu, cu.cuMemExportToShareableHandle(handle, fd_type, 0), "cuMemExportToShareableHandle"))
         except BaseException:
-            for fd in fds:
-                os.close(fd)
             for handle in handles:
                 cu.cuMemRelease(handle)
             raise
         with self._lock:
-            self._handle_of.update(zip(fds, handles))
+            self._handles.update((int(h), h) for h in handles)
+        return handles
+
+    def export_pages(self, device: int, handles: Sequence) -> list[int]:
+        """A new POSIX fd for each page (the caller closes them); all, or raises having made none."""
+        cu, fd_type = self.cu, self._fd_type
+        self._make_current(device)
+        fds: list[int] = []
+        try:
+            for handle in handles:
+                fds.append(check(cu, cu.cuMemExportToShareableHandle(handle, fd_type, 0),
+                                 "cuMemExportToShareableHandle"))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         return fds
 
-    def zeroed_pages(self, device: int, count: int) -> list[int]:
+    def zeroed_pages(self, device: int, count: int) -> list:
         """New pages, zeroed through a scratch mapping in the daemon (all ``count`` of them, or raises)."""
         cu = self.cu
         new = self.create_pages(device, count)
         if len(new) < count:
             self.release_pages(device, new)
             raise BackendUnavailable(f"GPU {device} is out of memory: cannot create {count} zeroed pages")
-        with self._lock:
-            new_handles = [self._handle_of[fd] for fd in new]
         self._make_current(device)
         size = self.page_size
         scratch = self._scratch.get(device)
@@ -122,7 +135,7 @@ class CudaBackend:
         access.location.id = device
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         try:
-            for handle in new_handles:
+            for handle in new:
                 check(cu, cu.cuMemMap(scratch, size, 0, handle, 0), "cuMemMap (scrub)")
                 try:
                     check(cu, cu.cuMemSetAccess(scratch, size, [access], 1), "cuMemSetAccess (scrub)")
@@ -135,21 +148,17 @@ class CudaBackend:
             raise
         return new
 
-    def release_pages(self, device: int, fds: Sequence[int]) -> None:
+    def release_pages(self, device: int, handles: Sequence) -> None:
         with self._lock:
-            released = [self._handle_of.pop(fd) for fd in fds]
-        for fd in fds:
-            os.close(fd)
-        for handle in released:
+            for handle in handles:
+                del self._handles[int(handle)]  # KeyError: not a page of this backend (a bug above)
+        for handle in handles:
             self.cu.cuMemRelease(handle)
 
     def close(self) -> None:
         cu = self.cu
         with self._lock:
-            handle_of, self._handle_of = self._handle_of, {}
-        handles = list(handle_of.values())
-        for fd in handle_of:
-            os.close(fd)
+            handles, self._handles = list(self._handles.values()), {}
         if self._ctx:
             self._make_current(next(iter(self._ctx)))
         for handle in handles:

@@ -21,9 +21,17 @@ def _host_memory() -> int:
 
 
 class HostBackend:
+    """A page's handle is its memfd, which is also the fd a worker maps: nothing to export.
+
+    ``export_fds=True`` makes export real instead (a duplicate fd per export,
+    the caller's to close), as the CUDA backend's is: tests run the daemon's
+    export path with it on machines without a GPU.
+    """
+
     kind = "host"
 
-    def __init__(self, page_size: int):
+    def __init__(self, page_size: int, export_fds: bool = False):
+        self.handles_are_fds = not export_fds
         if page_size <= 0 or page_size % mmap.PAGESIZE:
             raise BackendUnavailable(
                 f"page size {page_size} is not a positive multiple of the OS page size "
@@ -49,6 +57,19 @@ class HostBackend:
                 os.close(fd)
             raise BackendUnavailable(f"cannot create host page {len(self._fds) + len(fds)}: {exc}") from exc
         self._fds.update(fds)
+        return fds
+
+    def export_pages(self, device: int, handles: Sequence[int]) -> list[int]:
+        if self.handles_are_fds:
+            return list(handles)  # the memfds themselves (not to be closed by the caller)
+        fds: list[int] = []
+        try:
+            for handle in handles:
+                fds.append(os.dup(handle))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise BackendUnavailable(f"cannot export host pages: {exc}") from exc
         return fds
 
     def zeroed_pages(self, device: int, count: int) -> list[int]:

@@ -21,12 +21,18 @@ Pages of a slot are stored tensor-interleaved (the grant order of
 truncates. A region keeps lists only for slots that hold pages, so an empty
 region costs the same whatever its max_batch.
 
-Spare pages (eager allocation): a region may ask for ``spare_target`` pages
-held ahead of need. They belong to the region's session (no other session
-can receive them) but to no slot yet; the worker imports them in the
-background and a grant takes them first (oldest first), which keeps the
-import off the grow's critical path. Each grant tops the spares up again from
-the free list, best effort: a shortage of spares never fails a call.
+Spare pages (eager allocation): a region holds pages ahead of need. They
+belong to the region's session (no other session can receive them) but to
+no slot yet; the worker imports them in the background and a grant takes
+them first (oldest first), which keeps the import off the grow's critical
+path. How many follows demand: at least the ``spare_pages`` the region asked
+for (its floor; a region that asked for none holds none), and as many as its
+recent grants took (a decaying maximum),
+so a loop of prefill-sized grows finds its pages imported. Each grant tops
+the spares up again, best effort: the floor from whatever is free, the part
+above it from at most a quarter of the free pages (spares never starve
+another session); a shortage of spares never fails a call. Under pressure
+the daemon asks for spares back like idle pages (``release_spares``).
 
 Who may see a page (vattnd.pool.free): a page that leaves a session is
 *dirty* until it has been replaced with a zeroed page, because the process
@@ -77,9 +83,10 @@ class Region:
     layout: Layout
     # Pages of each slot that holds any, tensor-interleaved (see the module docstring).
     slots: dict[int, list[PageId]] = field(default_factory=dict)
-    # Pages held ahead of need (oldest first) and how many to keep.
+    # Pages held ahead of need (oldest first); the region's floor of them, and recent demand.
     spare: list[PageId] = field(default_factory=list)
-    spare_target: int = 0
+    spare_floor: int = 0
+    demand: int = 0
     # Slots whose request finished but whose pages the worker keeps mapped
     # for the next request (deferred reclamation). Advisory: the worker, which
     # knows which slots it reused, decides what to give back when asked.
@@ -103,6 +110,11 @@ class Region:
 
     def pages_held(self) -> int:
         return sum(len(s) for s in self.slots.values()) + len(self.spare)
+
+    @property
+    def spare_target(self) -> int:
+        """Spares to hold: the floor, or what recent grants took; none for a region that asked for none."""
+        return min(MAX_SPARE, max(self.spare_floor, self.demand)) if self.spare_floor else 0
 
 
 @dataclass(slots=True)
@@ -140,8 +152,10 @@ class Grant:
     # Slots that were idle (parked) before this step made them serve again.
     reactivated: tuple[int, ...] = ()
     replace: tuple[PageId, ...] = ()
-    # Where each of fd_pages came from in the free pages (a holder key; None: clean), for revert.
+    # Where each of fd_pages came from in the free pages (a holder key; None: clean), and the
+    # region's demand before the grant: for revert.
     sources: tuple[Key | None, ...] = ()
+    demand: int = 0
 
     @property
     def fd_pages(self) -> tuple[PageId, ...]:
@@ -454,7 +468,7 @@ class PoolCore:
                 "release one (ReleaseRegion, cache.close()) or use another session")
         region_id = RegionId(self._next_region)
         region = Region(region_id, session.id, device, Layout.of(region_id, geometry, self.page_size),
-                        spare_target=spare_target)
+                        spare_floor=spare_target)
         self._next_region += 1
         self._regions[region.id] = region
         session.regions[region.id] = region
@@ -465,9 +479,11 @@ class PoolCore:
         return region, Grant((), (), spare_added=added, replace=replace, sources=sources)
 
     def _top_up(self, region: Region, session: Session) -> tuple[tuple[PageId, ...], tuple[Key | None, ...]]:
-        """Moves free pages to the region's spares up to its target (and the tenant's quota)."""
+        """Moves free pages to the region's spares up to its target (within the tenant's quota): up to the
+        floor from whatever is free, above it from at most a quarter of the free pages."""
         free = self._free[region.device]
-        n = min(region.spare_target - len(region.spare), len(free))
+        held = len(region.spare)
+        n = min(region.spare_target - held, len(free), max(region.spare_floor - held, len(free) // 4))
         quota = self._quota.get(session.tenant)
         if quota is not None:
             n = min(n, quota - self._tenant_pages[session.tenant])
@@ -477,6 +493,24 @@ class PoolCore:
         region.spare.extend(added)
         self._charge(session, n)
         return tuple(added), tuple(sources)
+
+    def release_spares(self, sid: int, region_id: int, pages: Sequence[int]) -> list[PageId]:
+        """The worker gives spares back (the daemon asked, under pressure): they are free again, and the
+        region holds no more than it has left until its grants ask for more."""
+        region = self.region(sid, region_id)
+        spare = region.spare
+        wanted = set(pages)
+        if len(wanted) != len(pages) or not wanted.issubset(spare):
+            raise InvalidArgument(f"pages {sorted(wanted - set(spare))[:8]} are not spares of region {region_id}: "
+                                  "give back only spare_page_ids the daemon sent for it")
+        released = [p for p in spare if p in wanted]
+        region.spare = [p for p in spare if p not in wanted]
+        region.spare_floor = min(region.spare_floor, len(region.spare))
+        region.demand = 0
+        session = self._sessions[region.session]
+        self._free[region.device].release(released, session.key)
+        self._charge(session, -len(released))
+        return released
 
     def release_region(self, sid: int, region_id: int) -> list[PageId]:
         region = self.region(sid, region_id)
@@ -546,11 +580,13 @@ class PoolCore:
             offset += n
         self._charge(session, fresh_n)
         idle.difference_update(reactivated)
+        demand = region.demand
+        region.demand = max(wanted, demand * 3 // 4)
         spare_added, spare_sources = self._top_up(region, session)
         fresh_t = tuple(fresh)
         fd_sources = tuple(sources) + spare_sources
         replace = self._claim(fresh_t + spare_added, fd_sources, session.key)
-        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, fd_sources)
+        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, fd_sources, demand)
 
     def _claim(self, pages: Sequence[PageId], sources: Sequence[Key | None], key: Key) -> tuple[PageId, ...]:
         """Records ``key`` as the holder of ``pages``; returns those another holder had: they must be
@@ -564,14 +600,15 @@ class PoolCore:
         return tuple(replace)
 
     def _reclaim_targets(self, device: int, requester: SessionId, shortfall: int) -> tuple[tuple[SessionId, int], ...]:
-        """Other sessions with idle pages on ``device`` to ask, and how many each, until ``shortfall`` is covered.
+        """Other sessions with idle pages or spares on ``device`` to ask, and how many each, until ``shortfall``
+        is covered.
 
         Lower-priority tenants first, then the sessions with the most idle pages.
         """
         idle: dict[SessionId, int] = {}
-        for region in self._regions.values():
-            if region.idle and region.device == device and region.session != requester:
-                idle[region.session] = idle.get(region.session, 0) + region.idle_pages()
+        for region in self._regions.values():  # idle slots and spares: both can come back
+            if (region.idle or region.spare) and region.device == device and region.session != requester:
+                idle[region.session] = idle.get(region.session, 0) + region.idle_pages() + len(region.spare)
         if not idle:
             return ()
         order = sorted((self.priority(self._sessions[sid].tenant), -pages, sid) for sid, pages in idle.items())
@@ -610,6 +647,8 @@ class PoolCore:
                 del region.slots[g.slot]
         spare[:0] = grant.page_ids[: len(grant.page_ids) - len(grant.fresh)]
         region.idle.update(grant.reactivated)
+        if grant.grants:  # a step's (a registration's top-up changed no demand)
+            region.demand = grant.demand
         self._charge(self._sessions[region.session], -(len(grant.fresh) + len(grant.spare_added)))
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
@@ -687,6 +726,16 @@ class PoolCore:
 
     def clean_pages(self, device: int) -> int:
         return len(self._free[device].clean)
+
+    def upcoming(self, device: int, keys: Sequence[Key], pages: int) -> list[PageId]:
+        """The free pages of ``device`` that grants for ``keys`` of up to ``pages`` pages would take next,
+        and the clean ones after them (for exporting ahead of need)."""
+        free = self._free[device]
+        out = dict.fromkeys(free.peek(pages, None))
+        for key in keys:
+            out.update(dict.fromkeys(free.peek(pages, key)))
+        return list(out)
+
 
     # ----- checking --------------------------------------------------------
     def owners(self) -> dict[PageId, tuple[SessionId, RegionId, int]]:
@@ -790,8 +839,8 @@ def check(view: AuditView) -> int:
                 raise AssertionError(f"region {rid}: a page whose holder is not its session")
         if any(slot not in slots for slot in idle):
             raise AssertionError(f"region {rid}: an idle slot holds no pages")
-        if len(spare) > spare_target:
-            raise AssertionError(f"region {rid}: {len(spare)} spares over target {spare_target}")
+        if len(spare) > MAX_SPARE:
+            raise AssertionError(f"region {rid}: {len(spare)} spares, over the limit {MAX_SPARE}")
         if any(holder[p] != key for p in spare):
             raise AssertionError(f"region {rid}: a spare whose holder is not its session")
         if any(device_of[p] != device for p in spare):

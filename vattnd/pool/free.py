@@ -69,6 +69,17 @@ class FreePages:
                         break
         return pages, sources
 
+    def peek(self, n: int, key: Key) -> list[int]:
+        """The pages :meth:`take` would hand ``key`` next, without taking them (for exporting ahead)."""
+        pages: list[int] = []
+        own = self.dirty.get(key)
+        if own:
+            pages.extend(reversed(own[max(0, len(own) - n) :]))
+        if len(pages) < n and self.clean:
+            k = n - len(pages)
+            pages.extend(reversed(self.clean[max(0, len(self.clean) - k) :]))
+        return pages
+
     def _take_dirty(self, key: Key, lst: list[int], n: int, pages: list[int], sources: list[Key | None]) -> None:
         k = min(n, len(lst))
         got = lst[len(lst) - k :]

@@ -41,7 +41,7 @@ class PageBatch(_message.Message):
     def __init__(self, grant_seq: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("call_id", "grow", "step", "shrink", "free", "register_region", "release_region")
+    __slots__ = ("call_id", "grow", "step", "shrink", "free", "register_region", "release_region", "release_spares")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     GROW_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Call(_message.Message):
     FREE_FIELD_NUMBER: _ClassVar[int]
     REGISTER_REGION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_REGION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SPARES_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     grow: _vattn_pb2.GrowRequest
     step: _vattn_pb2.StepRequest
@@ -56,7 +57,8 @@ class Call(_message.Message):
     free: _vattn_pb2.FreeRequest
     register_region: _vattn_pb2.RegisterRegionRequest
     release_region: _vattn_pb2.ReleaseRegionRequest
-    def __init__(self, call_id: _Optional[int] = ..., grow: _Optional[_Union[_vattn_pb2.GrowRequest, _Mapping]] = ..., step: _Optional[_Union[_vattn_pb2.StepRequest, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkRequest, _Mapping]] = ..., free: _Optional[_Union[_vattn_pb2.FreeRequest, _Mapping]] = ..., register_region: _Optional[_Union[_vattn_pb2.RegisterRegionRequest, _Mapping]] = ..., release_region: _Optional[_Union[_vattn_pb2.ReleaseRegionRequest, _Mapping]] = ...) -> None: ...
+    release_spares: _vattn_pb2.ReleaseSparesRequest
+    def __init__(self, call_id: _Optional[int] = ..., grow: _Optional[_Union[_vattn_pb2.GrowRequest, _Mapping]] = ..., step: _Optional[_Union[_vattn_pb2.StepRequest, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkRequest, _Mapping]] = ..., free: _Optional[_Union[_vattn_pb2.FreeRequest, _Mapping]] = ..., register_region: _Optional[_Union[_vattn_pb2.RegisterRegionRequest, _Mapping]] = ..., release_region: _Optional[_Union[_vattn_pb2.ReleaseRegionRequest, _Mapping]] = ..., release_spares: _Optional[_Union[_vattn_pb2.ReleaseSparesRequest, _Mapping]] = ...) -> None: ...
 
 class CallError(_message.Message):
     __slots__ = ("code", "message")

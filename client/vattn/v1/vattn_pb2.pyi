@@ -224,6 +224,16 @@ class FreeRequest(_message.Message):
     keep_pages: bool
     def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., keep_pages: _Optional[bool] = ...) -> None: ...
 
+class ReleaseSparesRequest(_message.Message):
+    __slots__ = ("session_token", "region_id", "page_ids")
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_token: str
+    region_id: int
+    page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ShrinkReply(_message.Message):
     __slots__ = ("pages_per_tensor", "pages_released")
     PAGES_PER_TENSOR_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,11 @@ class PoolStub:
                 request_serializer=vattn_dot_v1_dot_vattn__pb2.FreeRequest.SerializeToString,
                 response_deserializer=vattn_dot_v1_dot_vattn__pb2.ShrinkReply.FromString,
                 _registered_method=True)
+        self.ReleaseSpares = channel.unary_unary(
+                '/vattn.v1.Pool/ReleaseSpares',
+                request_serializer=vattn_dot_v1_dot_vattn__pb2.ReleaseSparesRequest.SerializeToString,
+                response_deserializer=vattn_dot_v1_dot_vattn__pb2.ShrinkReply.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/vattn.v1.Pool/Stats',
                 request_serializer=vattn_dot_v1_dot_vattn__pb2.StatsRequest.SerializeToString,
@@ -138,6 +143,16 @@ class PoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSpares(self, request, context):
+        """Gives spare pages back (see RegisterRegionRequest.spare_pages): the
+        daemon asks for them, like idle pages, when the pool runs short. The
+        region then holds no more spares than it has left until its grants ask
+        for more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """The pools (pages per state). Sessions and tenants are listed only by
         Admin.Stats, on the admin socket.
@@ -182,6 +197,11 @@ def add_PoolServicer_to_server(servicer, server):
             'Free': grpc.unary_unary_rpc_method_handler(
                     servicer.Free,
                     request_deserializer=vattn_dot_v1_dot_vattn__pb2.FreeRequest.FromString,
+                    response_serializer=vattn_dot_v1_dot_vattn__pb2.ShrinkReply.SerializeToString,
+            ),
+            'ReleaseSpares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSpares,
+                    request_deserializer=vattn_dot_v1_dot_vattn__pb2.ReleaseSparesRequest.FromString,
                     response_serializer=vattn_dot_v1_dot_vattn__pb2.ShrinkReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
@@ -379,6 +399,33 @@ class Pool:
             target,
             '/vattn.v1.Pool/Free',
             vattn_dot_v1_dot_vattn__pb2.FreeRequest.SerializeToString,
+            vattn_dot_v1_dot_vattn__pb2.ShrinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSpares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vattn.v1.Pool/ReleaseSpares',
+            vattn_dot_v1_dot_vattn__pb2.ReleaseSparesRequest.SerializeToString,
             vattn_dot_v1_dot_vattn__pb2.ShrinkReply.FromString,
             options,
             channel_credentials,
