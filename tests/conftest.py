@@ -60,7 +60,7 @@ class RunningDaemon:
         return self.proc.returncode
 
 
-def wait_serving(socket_path: str, proc: subprocess.Popen, log_path: str, timeout: float = 20.0) -> None:
+def wait_serving(socket_path: str, proc: subprocess.Popen, log_path: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -78,14 +78,16 @@ def wait_serving(socket_path: str, proc: subprocess.Popen, log_path: str, timeou
             time.sleep(0.05)
 
 
-def start_daemon(folder: str, *extra: str, pool_size: str = "32MiB", page_size: str = "64KiB",
+def start_daemon(folder: str, *extra: str, pool_size: str | None = "32MiB", page_size: str = "64KiB",
                  backend: str = "host", wait: bool = True, open_files: int | None = None) -> RunningDaemon:
-    """Starts ``vattnd start`` on a socket in ``folder``; ``open_files``: its soft RLIMIT_NOFILE."""
+    """Starts ``vattnd start`` on a socket in ``folder``; ``pool_size`` None: the daemon's default;
+    ``open_files``: its soft RLIMIT_NOFILE."""
     socket_path = os.path.join(folder, "vattnd.sock")
     log_path = os.path.join(folder, "vattnd.log")
     args = [
         sys.executable, "-m", "vattnd_cli", "start", "--socket", socket_path, "--backend", backend,
-        "--pool-size", pool_size, "--page-size", page_size, "--metrics-port", "0", "--log-level", "debug", *extra,
+        *(("--pool-size", pool_size) if pool_size else ()), "--page-size", page_size, "--metrics-port", "0",
+        "--log-level", "debug", *extra,
     ]
     def limit_files():
         import resource

@@ -272,3 +272,89 @@ def test_gpu_pages_leaving_a_session_arrive_zeroed(short_tmp):
     finally:
         assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log(), d.log()
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_default_pool_of_2mib_pages_holds_few_files_and_grows_use_spares(short_tmp):
+    """The default pool (half the GPU) of 2 MiB pages: more pages than the machine's open-file limit
+    allows fds, yet the daemon holds few files, and a default-settings grow loop runs on spares."""
+    d = start_daemon(short_tmp, "--devices", "0", backend="cuda", pool_size=None, page_size="2MiB")
+    try:
+        pages = d.stats().pools[0].pages_total
+        assert pages * (2 << 20) >= torch.cuda.mem_get_info()[1] // 2 - (2 << 20)
+        assert _open_files(d.proc.pid) < 4096, _open_files(d.proc.pid)
+        with vattn.connect(d.socket) as pool:
+            cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=2, max_context=8192,
+                                  dtype=torch.float16)  # default spares: one page per tensor (64)
+            for i in range(8):
+                slot = cache.alloc()
+                cache.grow(slot, 2048)  # 2 pages per tensor: 128 pages
+                cache.k[31][slot, :2048] = float(i)
+                torch.cuda.synchronize()
+                assert torch.all(cache.k[31][slot, :2048] == float(i))
+                cache.free(slot)
+                assert cache.spare_pages >= 128  # the spares followed the grows
+            assert _open_files(d.proc.pid) < 4096
+        assert d.wait_used_pages(0) == 0
+        from vattn.session import audit
+
+        audit(d.socket)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.mark.skipif(gpu_count() < 4, reason="needs four GPUs")
+def test_a_node_of_four_gpus_serves_a_tensor_parallel_group_and_takes_back_a_killed_member(short_tmp):
+    """One daemon on four GPUs, default pools of 2 MiB pages; one engine of four processes (one per GPU,
+    one tenant) and a worker per GPU grow and free at once; a killed member's pages all come back and the
+    others keep their KV."""
+    d = start_daemon(short_tmp, backend="cuda", pool_size=None, page_size="2MiB")
+    members, churners = [], []
+    try:
+        pools = d.stats().pools
+        assert len(pools) >= 4 and all(p.pages_total > 10000 for p in pools)
+        assert _open_files(d.proc.pid) < 4096
+        result = SPAWN.Queue()
+        churners = [SPAWN.Process(target=workers.churn, args=(d.socket, 40 + dev, 20, result, dev))
+                    for dev in range(4)]
+        pipes = [SPAWN.Pipe() for _ in range(4)]
+        members = [SPAWN.Process(target=workers.group_member, args=(d.socket, dev, "tp", 8.0, child))
+                   for dev, (_, child) in enumerate(pipes)]
+        for p in churners + members:
+            p.start()
+        held = [parent.recv() for parent, _ in pipes]  # (pid, pages, grows) once each holds its slots
+        outcomes = [result.get(timeout=300) for _ in churners]
+        assert all(o[0] == "ok" for o in outcomes), outcomes
+        for p in churners:
+            p.join(60)
+        deadline = time.monotonic() + 10  # the churners' sessions end: only the group holds pages
+        while time.monotonic() < deadline and [p.pages_used for p in d.stats().pools][:4] != [h[1] for h in held]:
+            time.sleep(0.05)
+        tenant = next(t for t in d.stats().tenants if t.name == "tp")
+        assert tenant.pages == sum(h[1] for h in held) and tenant.sessions == 4
+        victim_pid, victim_pages, _ = held[0]
+        used_before = [p.pages_used for p in d.stats().pools]
+        os.kill(victim_pid, signal.SIGKILL)
+        members[0].join(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and d.stats().pools[0].pages_used != used_before[0] - victim_pages:
+            time.sleep(0.05)
+        after = [p.pages_used for p in d.stats().pools]
+        assert after == [used_before[0] - victim_pages] + used_before[1:], (used_before, after)
+        assert after[:4] == [0] + [h[1] for h in held[1:]]  # every page of the killed member is back
+        for parent, _ in pipes[1:]:
+            parent.send("check")
+            assert parent.recv() == "ok"
+            parent.send("bye")
+        for p in members[1:]:
+            p.join(60)
+        assert d.wait_used_pages(0) == 0
+        assert all(p.pages_used == 0 for p in d.stats().pools)
+    finally:
+        for p in members + churners:
+            if p.is_alive():
+                p.kill()
+        assert d.stop() == 0, d.log()

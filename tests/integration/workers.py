@@ -111,3 +111,44 @@ def hold_idle(socket_path: str, slots: int, tokens: int, result) -> None:
         cache.free(slot)
     result.put((os.getpid(), cache.idle_pages))
     time.sleep(600)
+
+
+def group_member(socket_path: str, device: int, tenant: str, seconds: float, conn) -> None:
+    """One process of a tensor-parallel engine: its own GPU, the group's tenant. Grows, writes, checks and
+    frees for ``seconds``, then holds two filled slots and reports (pid, pages held, grow latencies);
+    on "check" it verifies its KV and answers "ok" or what changed."""
+    import torch
+
+    import vattn
+
+    pool = vattn.connect(socket_path, name=f"tp-{device}", tenant=tenant)
+    cache = pool.kv_cache(num_layers=8, num_kv_heads=8, head_dim=128, max_batch=4, max_context=16384,
+                          dtype=torch.float16, device=device)
+    where = cache.k[0].device
+    grows = []
+    t_end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < t_end:
+        n += 1
+        slot = cache.alloc()
+        t0 = time.perf_counter()
+        cache.grow(slot, 1024 * (1 + n % 8))  # 16 to 128 pages of 2 MiB
+        grows.append(time.perf_counter() - t0)
+        cache.k[n % 8][slot, :1024] = float(n % 100)
+        torch.cuda.synchronize(where)
+        if not torch.all(cache.k[n % 8][slot, :1024] == float(n % 100)):
+            raise AssertionError("KV changed under the group member")
+        cache.free(slot)
+    held = [cache.alloc(), cache.alloc()]
+    for i, slot in enumerate(held):
+        cache.grow(slot, 8192)
+        for layer in range(8):
+            cache.k[layer][slot, :8192] = float(device * 10 + i + layer)
+    torch.cuda.synchronize(where)
+    conn.send((os.getpid(), sum(cache.pages(s) for s in held) * 16 + cache.spare_pages, grows))
+    if conn.recv() == "check":
+        bad = [(slot, layer) for i, slot in enumerate(held) for layer in range(8)
+               if not torch.all(cache.k[layer][slot, :8192] == float(device * 10 + i + layer))]
+        conn.send("ok" if not bad else f"changed: {bad}")
+    conn.recv()  # "bye"
+    pool.close()

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""A node run: one daemon on every GPU, default pools of 2 MiB pages, a tensor-parallel engine and a
+worker per GPU growing and freeing at once, then one engine process killed.
+
+    python bench/bench_node.py [--seconds 10] [--out FILE]
+
+Prints: the machine's open-file limit and the pages in all pools; time from
+`vattnd start` to the first RPC answered and to every pool complete
+(SERVING); the daemon's open files then; grow latency (p50, p99) of the
+engine's four processes (one per GPU, one tenant, 16 to 128 pages a grow)
+while a churn worker per GPU grows, writes, checks and frees beside them;
+then the time for every page of a SIGKILLed engine process to come back to
+its GPU's pool, and whether the other three kept their KV.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import ROOT, emit  # noqa: E402
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
+    args = ap.parse_args()
+
+    import grpc
+    import torch
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.integration import workers
+    from vattn.session import stats
+    from vattn.v1 import vattn_pb2 as pb
+    from vattn.v1 import vattn_pb2_grpc as pb_grpc
+
+    gpus = torch.cuda.device_count()
+    folder = tempfile.mkdtemp(prefix="vattnd-node-", dir="/tmp")
+    sock = os.path.join(folder, "vattnd.sock")
+    log = open(os.path.join(folder, "vattnd.log"), "wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda",
+                             "--page-size", "2MiB", "--metrics-port", "-1"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT)
+    fast = [("grpc.initial_reconnect_backoff_ms", 1), ("grpc.min_reconnect_backoff_ms", 1),
+            ("grpc.max_reconnect_backoff_ms", 5)]
+    channel = grpc.insecure_channel(f"unix:{sock}", options=fast)
+    stub, health = pb_grpc.PoolStub(channel), health_pb2_grpc.HealthStub(channel)
+    first_rpc = ready = None
+    while ready is None:
+        if proc.poll() is not None:
+            raise SystemExit(open(log.name).read())
+        try:
+            if first_rpc is None:
+                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
+                first_rpc = time.perf_counter() - t0
+            if health.Check(health_pb2.HealthCheckRequest(service="vattn.v1.Pool"), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                ready = time.perf_counter() - t0
+        except grpc.RpcError:
+            pass
+        time.sleep(0.001)
+    channel.close()
+    files = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    pools = stats(sock).pools
+    try:
+        result = SPAWN.Queue()
+        churners = [SPAWN.Process(target=workers.churn, args=(sock, 50 + g, 40, result, g)) for g in range(gpus)]
+        pipes = [SPAWN.Pipe() for _ in range(gpus)]
+        members = [SPAWN.Process(target=workers.group_member, args=(sock, g, "tp", args.seconds, child))
+                   for g, (_, child) in enumerate(pipes)]
+        for p in churners + members:
+            p.start()
+        held = [parent.recv() for parent, _ in pipes]
+        churned = [result.get(timeout=600) for _ in churners]
+        for p in churners:
+            p.join(60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and [p.pages_used for p in stats(sock).pools] != [h[1] for h in held]:
+            time.sleep(0.05)
+        grows = [g for _, _, gs in held for g in gs]
+        victim_pid, victim_pages, _ = held[0]
+        t_kill = time.perf_counter()
+        os.kill(victim_pid, signal.SIGKILL)
+        while stats(sock).pools[0].pages_used != 0 and time.perf_counter() - t_kill < 30:
+            time.sleep(0.001)
+        back = time.perf_counter() - t_kill
+        kept = []
+        for parent, _ in pipes[1:]:
+            parent.send("check")
+            kept.append(parent.recv())
+            parent.send("bye")
+        for p in members:
+            p.join(60)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    lines = [f"{gpus} x {pools[0].name}; open-file limit {resource.getrlimit(resource.RLIMIT_NOFILE)}", "",
+             "| figure | value |", "|---|---:|",
+             f"| pools | {', '.join(str(p.pages_total) for p in pools)} pages of 2 MiB "
+             f"({sum(p.pages_total for p in pools)} in all) |",
+             f"| first RPC answered after `vattnd start` | {first_rpc * 1e3:.0f} ms |",
+             f"| every pool complete (SERVING) | {ready:.2f} s |",
+             f"| the daemon's open files, then | {files} |",
+             f"| engine grows (16-128 pages, 4 processes, beside a churn worker per GPU): p50 / p99 | "
+             f"{statistics.median(grows) * 1e3:.2f} / {pct(grows, 0.99) * 1e3:.2f} ms ({len(grows)} grows) |",
+             f"| churn workers' data checks | {', '.join(o[0] for o in churned)} |",
+             f"| a killed engine process's {victim_pages} pages back in GPU 0's pool | {back * 1e3:.0f} ms |",
+             f"| the other three processes' KV afterwards | {', '.join(kept)} |"]
+    emit("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
