@@ -374,11 +374,11 @@ class PoolService:
         return self._grant(s, request.region_id, [(e.slot, e.tokens) for e in request.entries])
 
     def shrink(self, s: SessionHandle, request: pb.ShrinkRequest) -> Reply:
-        return self._shrink(s, request.region_id, request.slot, request.tokens)
+        return self._shrink(s, request.region_id, request.slot, request.tokens, request.to_spares)
 
     def free(self, s: SessionHandle, request: pb.FreeRequest) -> Reply:
         if not request.keep_pages:
-            return self._shrink(s, request.region_id, request.slot, 0)
+            return self._shrink(s, request.region_id, request.slot, 0, request.to_spares)
         with self.lock:  # deferred reclamation: the pages stay the session's, marked idle
             pages = self.core.park(s.id, request.region_id, request.slot)
             kept = pages // self.core.region(s.id, request.region_id).num_tensors
@@ -392,16 +392,19 @@ class PoolService:
         self._finish(done)
         return Reply(pb.ShrinkReply(pages_per_tensor=0, pages_released=len(released)))
 
-    def _shrink(self, s: SessionHandle, region_id: int, slot: int, tokens: int) -> Reply:
+    def _shrink(self, s: SessionHandle, region_id: int, slot: int, tokens: int, to_spares: bool = False) -> Reply:
         with self.lock:
-            keep, released = self.core.shrink(s.id, region_id, slot, tokens)
+            if to_spares:
+                keep, released, kept = self.core.shrink_to_spares(s.id, region_id, slot, tokens)
+            else:
+                (keep, released), kept = self.core.shrink(s.id, region_id, slot, tokens), ()
             done = []
             if released:
                 if self._waiting:
                     done = self._retry_waiting()
                 self._pages_returned()
         self._finish(done)
-        return Reply(pb.ShrinkReply(pages_per_tensor=keep, pages_released=len(released)))
+        return Reply(pb.ShrinkReply(pages_per_tensor=keep, pages_released=len(released), spare_page_ids=kept))
 
     def _grant(self, s: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> Reply | Pending:
         with self.lock:

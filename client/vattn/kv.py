@@ -86,7 +86,7 @@ class KVCache:
     """
 
     def __init__(self, session: Session, layout: pb.RegionLayout, mapper: Mapper, dtype: torch.dtype,
-                 spare_fds: list[int] = (), ahead_pages: int = 0, keep_freed: bool = False):
+                 spare_fds: list[int] = (), ahead_pages: int = 0, keep_freed: bool = False, prefetch_pages: int = 0):
         self._session = session
         self._mapper = mapper
         self.layout = layout
@@ -140,6 +140,8 @@ class KVCache:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
         self._mapper.add_spares(layout.spare_page_ids, spare_fds)
+        # Freed pages stay imported as spares (CUDA, where import costs): the daemon keeps them for us.
+        self._keeps_spares = bool(mapper.overlap_spares and prefetch_pages)
 
     # ----- tensors ---------------------------------------------------------
     @property
@@ -340,26 +342,35 @@ class KVCache:
                 raise self._closed()
             self._shrink(*self.slots.entry(slot, tokens))
 
-    def _shrink(self, slot: int, tokens: int) -> None:
+    def _shrink(self, slot: int, tokens: int, to_spares: bool = True) -> None:
         """Returns the pages of ``slot`` beyond ``tokens``: the daemon first, then they are unmapped.
 
         If the call fails (the daemon went away, say), nothing is unmapped: the
-        slot stays readable.
+        slot stays readable. With spares (CUDA), the daemon keeps as many as
+        the region holds spares for as spares: they stay imported here,
+        unmapped, and the next grants map them without a new fd or import.
         """
-        layout = self.slots.layout
-        have = self.slots.pages[slot]
+        slots, layout = self.slots, self.slots.layout
+        have = slots.pages[slot]
         keep = min(have, layout.pages_for(tokens))
         if keep == have:
             return
-        reply = self._session.shrink(self.region_id, slot, tokens)
+        to_spares = to_spares and self._keeps_spares
+        reply = self._session.shrink(self.region_id, slot, tokens, to_spares=to_spares)
         if reply.pages_per_tensor != keep:
             raise Internal(f"slot {slot}: daemon kept {reply.pages_per_tensor} pages, the client {keep}; reconnect")
+        if reply.spare_page_ids:  # still this session's: unmapped, the imported handles kept as spares
+            ids = slots.page_ids[slot][keep * layout.num_tensors :]
+            addrs = layout.addresses([SlotGrant(slot, keep, have - keep)], self._bases)
+            at = dict(zip(ids, addrs))
+            self._mapper.unmap_to_spares([at[p] for p in reply.spare_page_ids], reply.spare_page_ids)
+            slots.spares.extend(reply.spare_page_ids)
         # Given back: another session gets these pages only replaced (or, where the operator
         # allows it, the same user's); unmapped now all the same, before the next call.
         start = slot * layout.slot_stride + keep * self.page_size
         for base in self._bases:
             self._mapper.unmap(base + start, (have - keep) * self.page_size)
-        self.slots.set_pages(slot, keep)
+        slots.set_pages(slot, keep)
 
     def free(self, slot: int) -> None:
         """The request in ``slot`` finished: the slot is free again.
@@ -412,7 +423,7 @@ class KVCache:
                 if given >= pages:
                     break
                 given += self.slots.pages[slot] * self.slots.layout.num_tensors
-                self._shrink(slot, 0)
+                self._shrink(slot, 0, to_spares=False)  # asked for: back to the pool
         return given
 
     # ----- lifetime --------------------------------------------------------

@@ -94,7 +94,8 @@ class Pool:
             prefetch_pages = tensors if self.info.backend == pb.BACKEND_CUDA else 0
         layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
         try:
-            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages, keep_freed)
+            cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages, keep_freed,
+                            prefetch_pages)
         except BaseException:
             for fd in spare_fds:
                 os.close(fd)

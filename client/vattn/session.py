@@ -166,8 +166,9 @@ class Session:
         )
         return self.invoke("Step", request)
 
-    def shrink(self, region_id: int, slot: int, tokens: int) -> pb.ShrinkReply:
-        request = pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens)
+    def shrink(self, region_id: int, slot: int, tokens: int, to_spares: bool = False) -> pb.ShrinkReply:
+        request = pb.ShrinkRequest(session_token=self.token, region_id=region_id, slot=slot, tokens=tokens,
+                                   to_spares=to_spares)
         return self.invoke("Shrink", request)[0]
 
     def release_spares(self, region_id: int, page_ids) -> pb.ShrinkReply:

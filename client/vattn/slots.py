@@ -28,6 +28,8 @@ class SlotTable:
         self.capacity = [0] * n
         # Freed slots that kept their pages (keep_freed).
         self.idle: set[int] = set()
+        # Page ids under each slot that holds any, tensor-interleaved (the daemon's order).
+        self.page_ids: dict[int, list[int]] = {}
         # Spare page ids, oldest first: the order the daemon takes them in.
         self.spares: collections.deque[int] = collections.deque(spares)
 
@@ -134,14 +136,22 @@ class SlotTable:
         for _ in range(min(len(page_ids), len(self.spares))):  # the daemon used spares first
             self.spares.popleft()
         self.spares.extend(new_spares)
+        offset, tensors = 0, self.layout.num_tensors
         for slot, first, count in grants:
+            n = count * tensors
+            self.page_ids.setdefault(slot, []).extend(page_ids[offset : offset + n])
+            offset += n
             self.set_pages(slot, first + count)
 
     def set_pages(self, slot: int, pages: int) -> None:
         self.pages[slot] = pages
         self.capacity[slot] = self.layout.capacity(pages)
+        ids = self.page_ids.get(slot)
+        if ids is not None:
+            del ids[pages * self.layout.num_tensors :]
         if not pages:
             self.idle.discard(slot)
+            self.page_ids.pop(slot, None)
 
     # ----- deferred reclamation ---------------------------------------------
     def idle_pages(self) -> int:

@@ -387,9 +387,16 @@ class PoolMachine(RuleBasedStateMachine):
         slot = data.draw(st.integers(0, g.max_batch - 1))
         tokens = data.draw(st.integers(0, g.max_context))
         have = self.model.get((rid, slot), 0)
-        keep, released = self.core.shrink(sid, rid, slot, tokens)
+        if data.draw(st.booleans()):  # the pages become spares first, up to twice the spare target
+            keep, released, kept = self.core.shrink_to_spares(sid, rid, slot, tokens)
+            held, floor, demand = self.spares[rid]
+            target = min(1 << 16, max(floor, demand)) if floor else 0
+            assert len(kept) == min((have - keep) * g.num_tensors, max(0, min(1 << 16, 2 * target) - held))
+            self.spares[rid][0] += len(kept)
+        else:
+            (keep, released), kept = self.core.shrink(sid, rid, slot, tokens), []
         assert keep == min(have, self._pages_per_tensor(g, tokens))
-        assert len(released) == (have - keep) * g.num_tensors
+        assert len(released) + len(kept) == (have - keep) * g.num_tensors
         self.model[(rid, slot)] = keep
         if keep == 0:
             self.idle.discard((rid, slot))

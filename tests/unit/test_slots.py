@@ -148,12 +148,24 @@ class ClientAgainstCore(RuleBasedStateMachine):
             with pytest.raises(type(exc), match="^" + __import__("re").escape(str(exc)) + "$"):
                 self.core.step(self.sid, self.region.id, entries)
 
+    @precondition(lambda self: self.region is not None)
+    @rule(data=st.data())
+    def shrink_to_spares(self, data):
+        g = self.region.geometry
+        slot, tokens = data.draw(st.integers(0, g.max_batch - 1)), data.draw(st.integers(0, g.max_context))
+        before = list(self.table.page_ids.get(slot, ()))
+        keep, released, kept = self.core.shrink_to_spares(self.sid, self.region.id, slot, tokens)
+        assert before[keep * self.table.layout.num_tensors :] == kept + released  # the slot's tail, in order
+        self.table.set_pages(slot, keep)
+        self.table.spares.extend(kept)
+
     @invariant()
     def same_view(self):
         if self.region is None:
             return
         for slot in range(self.region.geometry.max_batch):
             assert self.table.pages[slot] == self.region.pages_of(slot)
+            assert self.table.page_ids.get(slot, []) == self.region.slots.get(slot, [])
         assert list(self.table.spares) == self.region.spare
         self.core.check_invariants()
 

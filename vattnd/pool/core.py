@@ -656,13 +656,26 @@ class PoolCore:
 
         Returns (pages per tensor kept, page ids released).
         """
+        keep, released, _ = self._shrink(sid, region_id, slot, tokens, to_spares=False)
+        return keep, released
+
+    def shrink_to_spares(self, sid: int, region_id: int, slot: int,
+                         tokens: int) -> tuple[int, list[PageId], list[PageId]]:
+        """Like :meth:`shrink`, but the pages beyond ``tokens`` become the region's spares first, up to twice
+        its spare target (the worker keeps them imported for its next grants); the rest are released.
+
+        Returns (pages per tensor kept, page ids released, page ids now spares).
+        """
+        return self._shrink(sid, region_id, slot, tokens, to_spares=True)
+
+    def _shrink(self, sid: int, region_id: int, slot: int, tokens: int, to_spares: bool):
         region = self.region(sid, region_id)
         layout = region.layout
         layout.check_slot(slot)
         layout.check_tokens(slot, tokens)
         pages = region.slots.get(slot)
         if not pages:
-            return 0, []
+            return 0, [], []
         keep = min(layout.pages_for(tokens), len(pages) // layout.num_tensors)
         cut = keep * layout.num_tensors
         released = pages[cut:]
@@ -670,10 +683,16 @@ class PoolCore:
         if not pages:
             del region.slots[slot]
             region.idle.discard(slot)
+        kept: list[PageId] = []
+        if to_spares:
+            room = min(MAX_SPARE, 2 * region.spare_target) - len(region.spare)
+            if room > 0:
+                kept, released = released[:room], released[room:]
+                region.spare.extend(kept)
         session = self._sessions[region.session]
         self._free[region.device].release(reversed(released), session.key)
         self._charge(session, -len(released))
-        return keep, released
+        return keep, released, kept
 
     def park(self, sid: int, region_id: int, slot: int) -> int:
         """Marks ``slot`` idle: its request finished, its pages stay mapped for the next one.

@@ -201,28 +201,32 @@ class GrantReply(_message.Message):
     def __init__(self, grant_seq: _Optional[int] = ..., grants: _Optional[_Iterable[_Union[SlotGrant, _Mapping]]] = ..., page_ids: _Optional[_Iterable[int]] = ..., spare_page_ids: _Optional[_Iterable[int]] = ..., fd_count: _Optional[int] = ...) -> None: ...
 
 class ShrinkRequest(_message.Message):
-    __slots__ = ("session_token", "region_id", "slot", "tokens")
+    __slots__ = ("session_token", "region_id", "slot", "tokens", "to_spares")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TO_SPARES_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     region_id: int
     slot: int
     tokens: int
-    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+    to_spares: bool
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., tokens: _Optional[int] = ..., to_spares: _Optional[bool] = ...) -> None: ...
 
 class FreeRequest(_message.Message):
-    __slots__ = ("session_token", "region_id", "slot", "keep_pages")
+    __slots__ = ("session_token", "region_id", "slot", "keep_pages", "to_spares")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     KEEP_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TO_SPARES_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     region_id: int
     slot: int
     keep_pages: bool
-    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., keep_pages: _Optional[bool] = ...) -> None: ...
+    to_spares: bool
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., keep_pages: _Optional[bool] = ..., to_spares: _Optional[bool] = ...) -> None: ...
 
 class ReleaseSparesRequest(_message.Message):
     __slots__ = ("session_token", "region_id", "page_ids")
@@ -235,12 +239,14 @@ class ReleaseSparesRequest(_message.Message):
     def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShrinkReply(_message.Message):
-    __slots__ = ("pages_per_tensor", "pages_released")
+    __slots__ = ("pages_per_tensor", "pages_released", "spare_page_ids")
     PAGES_PER_TENSOR_FIELD_NUMBER: _ClassVar[int]
     PAGES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    SPARE_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     pages_per_tensor: int
     pages_released: int
-    def __init__(self, pages_per_tensor: _Optional[int] = ..., pages_released: _Optional[int] = ...) -> None: ...
+    spare_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pages_per_tensor: _Optional[int] = ..., pages_released: _Optional[int] = ..., spare_page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
