@@ -32,21 +32,28 @@ def main() -> None:
     backend = open_backend(args.backend, parse_size(args.page_size), [0])
     try:
         device = backend.devices()[0]
-        create, replace = [], []
-        fds = backend.create_pages(0, args.pages)
+        create, export, replace = [], [], []
+        pages = backend.create_pages(0, args.pages)
         for _ in range(args.reps):
             t0 = time.perf_counter()
             extra = backend.create_pages(0, args.pages)
             create.append((time.perf_counter() - t0) / args.pages)
             t0 = time.perf_counter()
+            fds = backend.export_pages(0, extra)
+            export.append((time.perf_counter() - t0) / args.pages)
+            if not backend.handles_are_fds:
+                for fd in fds:
+                    os.close(fd)
+            t0 = time.perf_counter()
             new = backend.zeroed_pages(0, args.pages)
-            backend.release_pages(0, fds)
-            fds = new
+            backend.release_pages(0, pages)
+            pages = new
             replace.append((time.perf_counter() - t0) / args.pages)
             backend.release_pages(0, extra)
         print(f"backend {args.backend} ({device.name}), page {format_size(backend.page_size)}, "
-              f"{args.pages} pages x {args.reps} reps: create+export {statistics.median(create) * 1e6:.1f} us/page, "
-              f"scrub (replace with zeroed) {statistics.median(replace) * 1e6:.1f} us/page")
+              f"{args.pages} pages x {args.reps} reps: create {statistics.median(create) * 1e6:.1f} us/page, "
+              f"export {statistics.median(export) * 1e6:.1f} us/page, "
+              f"replace with a zeroed page {statistics.median(replace) * 1e6:.1f} us/page")
     finally:
         backend.close()
 

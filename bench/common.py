@@ -8,10 +8,10 @@ import tempfile
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-# The checkout whose daemon a benchmark starts (bench/side_by_side.py points it at another one).
+# The checkout whose code a benchmark runs, daemon and library (bench/side_by_side.py points it at another).
 SOURCE = os.environ.get("VATTND_SOURCE", ROOT)
+if SOURCE not in sys.path:
+    sys.path.insert(0, SOURCE)
 
 
 @dataclass

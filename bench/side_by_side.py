@@ -28,8 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(tree: str, script: list[str]) -> list[dict]:
-    env = dict(os.environ, VATTND_SOURCE=tree,
-               PYTHONPATH=os.pathsep.join([os.path.join(tree, "client"), os.path.join(tree, "cli"), tree]))
+    paths = [os.path.join(tree, "client"), os.path.join(tree, "cli"), tree]
+    # Whatever else the environment puts on the path (installed packages), after the tree's own code.
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not p.startswith(ROOT)]
+    env = dict(os.environ, VATTND_SOURCE=tree, PYTHONPATH=os.pathsep.join(paths))
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, os.path.join(ROOT, script[0]), *script[1:], "--json", out.name]
         subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
