@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class Delivery(NamedTuple):
-    """The fds of granted pages, and what to call once they went out (or were dropped)."""
+    """The fds of granted pages, and what to call once they went out (or were dropped); ``exported``:
+    how many had to be exported for it (the exporter was behind)."""
 
     fds: list[int]
     sent: Callable[[], None]
+    exported: int = 0
 
 
 def _nothing() -> None:
@@ -212,7 +214,7 @@ class ExportedPages(_Pages):
                                     "operator to raise vattnd's open-file limit") from exc
         self._evict(keep=len(pages))
         self._in_flight += len(out)
-        return Delivery(out, lambda: self._sent(out))
+        return Delivery(out, lambda: self._sent(out), len(missing))
 
     def _sent(self, fds: list[int]) -> None:
         _close(fds)

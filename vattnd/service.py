@@ -453,7 +453,7 @@ class PoolService:
             core.revert(s.id, region_id, grant)
             raise
         if self.pages.exports_ahead:
-            self._note_grant(device, core.session(s.id).key, len(fd_pages))
+            self._note_grant(device, core.session(s.id).key, len(fd_pages), delivery.exported)
         seq = self._next_seq(s)
         return Reply(grant_reply(seq, grant), delivery.fds, delivery.sent, seq)
 
@@ -524,12 +524,18 @@ class PoolService:
 
     # ----- the cleaner ------------------------------------------------------
     def _pages_returned(self) -> None:
-        """Pages came back dirty (self.lock held): the cleaner has work, maybe, and the exporter."""
+        """Pages came back dirty (self.lock held): wakes the cleaner if it has work (nothing else on the
+        steady path: a free of a worker that reuses its own pages wakes no thread)."""
+        core = self.core
+        if not any(core.needs_cleaning(d, self._clean_reserve(d)) for d in core.devices):
+            return
         if self._cleaner is None and not self._closing:
             self._cleaner = threading.Thread(target=self._clean_loop, name="vattnd-cleaner", daemon=True)
             self._cleaner.start()
         self._dirty.notify()
-        self._wake_exporter()
+
+    def _clean_reserve(self, device: int) -> int:
+        return max(1, int(self.core.snapshot_total(device) * CLEAN_RESERVE))
 
     def _clean_work(self) -> tuple[int, list[int]] | None:
         """A batch of dirty pages to replace (self.lock held), or None."""
@@ -537,8 +543,7 @@ class PoolService:
             return None
         core = self.core
         for device in core.devices:
-            reserve = max(1, int(core.snapshot_total(device) * CLEAN_RESERVE))
-            pages = core.to_clean(device, CLEAN_BATCH, reserve)
+            pages = core.to_clean(device, CLEAN_BATCH, self._clean_reserve(device))
             if pages:
                 return device, pages
         return None
@@ -570,15 +575,23 @@ class PoolService:
             self._finish(done)
 
     # ----- the exporter -----------------------------------------------------
-    def _note_grant(self, device: int, key, pages: int) -> None:
-        """A grant sent ``pages`` fds on ``device`` to holder ``key`` (self.lock held): what to export next."""
-        self._demand[device] = max(pages, self._demand.get(device, 0) * 3 // 4)
+    def _note_grant(self, device: int, key, pages: int, exported_inline: int) -> None:
+        """A grant sent ``pages`` fds on ``device`` to holder ``key`` (self.lock held): what to export next.
+
+        Wakes the exporter only if the grant had to export, or its demand or holder is new: a steady
+        engine whose pages have fds already wakes no thread.
+        """
+        demand = max(pages, self._demand.get(device, 0) * 3 // 4)
+        grew = demand > self._demand.get(device, 0)
+        self._demand[device] = demand
         recent = self._recent.setdefault(device, collections.OrderedDict())
+        new_holder = key not in recent
         recent[key] = None
         recent.move_to_end(key)
         if len(recent) > EXPORT_HOLDERS:
             recent.popitem(last=False)
-        self._wake_exporter()
+        if exported_inline or grew or new_holder:
+            self._wake_exporter()
 
     def _wake_exporter(self) -> None:
         if not self.pages.exports_ahead or self._closing:

@@ -409,16 +409,16 @@ class KVCache:
             self._mapper.drop_spares(back)
             return n
 
-    def release_idle(self, device: int, pages: int) -> int:
-        """Gives back up to ``pages`` pages held but not in use: spares first, then freed slots (largest
-        first); returns how many.
+    def release_idle(self, device: int, pages: int, spares: bool = True) -> int:
+        """Gives back up to ``pages`` pages held but not in use: spares first (with ``spares``), then freed
+        slots (largest first); returns how many.
 
         The daemon's reclaim requests end up here; call it yourself to trim.
         """
         if device != self.device_index or self.closed:
             return 0
         with self._lock:
-            given = self.release_spares(pages)
+            given = self.release_spares(pages) if spares else 0
             for slot in self.slots.reclaimable():
                 if given >= pages:
                     break

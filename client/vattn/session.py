@@ -207,12 +207,15 @@ class Session:
         return given
 
     def reclaim_local(self, device: int, pages: int) -> int:
-        """Gives back up to ``pages`` idle pages of this session's own caches (before failing a grow)."""
+        """Gives back up to ``pages`` idle pages of this session's own caches (before failing a grow).
+
+        Idle slots only: spares already count for the grant of their own region.
+        """
         given = 0
         for handler in list(self.reclaim_handlers):
             if given >= pages:
                 break
-            given += handler(device, pages - given)
+            given += handler(device, pages - given, spares=False)
         return given
 
     def start_listener(self) -> None:

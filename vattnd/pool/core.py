@@ -739,6 +739,11 @@ class PoolCore:
         gone = [key for _, key in taken if key not in self._key_sessions]
         self._free[device].not_cleaned(taken, gone)
 
+    def needs_cleaning(self, device: int, reserve: int) -> bool:
+        """Whether :meth:`to_clean` would give the cleaner work on ``device`` (cheap: no list built)."""
+        free = self._free[device]
+        return bool(free.orphans) or (free.dirty_count > 0 and len(free.clean) + free.cleaning < reserve)
+
     def dirty_pages(self, device: int) -> int:
         """Free pages of ``device`` that need replacing before another session may have them."""
         return self._free[device].dirty_count
