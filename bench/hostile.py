@@ -89,6 +89,7 @@ def slow_reader(sock: str, seconds: float, out) -> None:
     ended = 0
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
+        chan = None
         try:
             chan = _raw(sock, "slow-reader")
             result, _ = chan.call(cpb.Call(register_region=pb.RegisterRegionRequest(geometry=pb.Geometry(
@@ -98,7 +99,7 @@ def slow_reader(sock: str, seconds: float, out) -> None:
                 chan.send_call(cpb.Call(grow=pb.GrowRequest(region_id=region, slot=0, tokens=4096)))
                 chan.send_call(cpb.Call(shrink=pb.ShrinkRequest(region_id=region, slot=0, tokens=0)))
         except VattnError:
-            ended += 1  # the daemon ended it; start over
+            ended += chan is not None  # the daemon ended it (or turned it away); start over
             time.sleep(0.1)
     out.put(("slow readers ended by the daemon", ended))
 
@@ -135,6 +136,7 @@ def flooder(sock: str, seconds: float, out) -> None:
 
 
 def region_flooder(sock: str, seconds: float, out) -> None:
+    from vattn.contract.errors import VattnError
     from vattn.v1 import channel_pb2 as cpb
     from vattn.v1 import vattn_pb2 as pb
 
@@ -143,21 +145,29 @@ def region_flooder(sock: str, seconds: float, out) -> None:
     regions = 0
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
-        chan = _raw(sock, "region-flood", tenant="tiny")
-        for _ in range(64):
-            result, _ = chan.call(cpb.Call(register_region=pb.RegisterRegionRequest(geometry=huge)))
-            regions += result.WhichOneof("result") == "layout"
-        chan.close()
+        try:
+            chan = _raw(sock, "region-flood", tenant="tiny")
+            for _ in range(64):
+                result, _ = chan.call(cpb.Call(register_region=pb.RegisterRegionRequest(geometry=huge)))
+                regions += result.WhichOneof("result") == "layout"
+            chan.close()
+        except VattnError:
+            time.sleep(0.01)  # turned away (a flood elsewhere): again
     out.put(("empty regions registered (and dropped)", regions))
 
 
 def tenant_churn(sock: str, seconds: float, out) -> None:
+    from vattn.contract.errors import VattnError
+
     n = 0
     t_end = time.monotonic() + seconds
     rng = random.Random(os.getpid())
     while time.monotonic() < t_end:
-        _raw(sock, "churn", tenant=f"t{rng.randrange(1 << 40)}").close()
-        n += 1
+        try:
+            _raw(sock, "churn", tenant=f"t{rng.randrange(1 << 40)}").close()
+            n += 1
+        except VattnError:
+            time.sleep(0.01)
     out.put(("sessions under fresh tenant names", n))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import select
 import socket
+import time
 
 from vattn.contract import wire
 from vattn.contract.errors import Internal, Unavailable
@@ -33,7 +34,7 @@ class ClientChannel:
         self.reclaims: collections.deque = collections.deque()
         self._call_id = 0
         try:
-            self.sock.connect(path)
+            self._connect(path, timeout)
             hello = channel_pb2.Hello(name=name, protocol=wire.PROTOCOL, tenant=tenant)
             self.sock.send(wire.encode(channel_pb2.ChannelMessage(hello=hello)))
             msg, _ = self._receive()
@@ -49,6 +50,18 @@ class ClientChannel:
             raise Unavailable(f"vattnd closed the fd channel {path} without opening a session")
         self.session_id = msg.welcome.session_id
         self.token = msg.welcome.session_token
+
+    def _connect(self, path: str, timeout: float) -> None:
+        """Connects, waiting while the daemon's listen queue is full (a flood of connections elsewhere)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:  # EAGAIN: the queue is full for now
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _receive(self) -> tuple[channel_pb2.ChannelMessage, list[int]]:
         """One datagram and the fds that came with it."""

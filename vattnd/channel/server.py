@@ -194,7 +194,7 @@ class ChannelServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._listener.bind(path)
         os.chmod(path, mode)
-        self._listener.listen(128)
+        self._listener.listen(1024)
         self._listener.setblocking(False)
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), READ)
