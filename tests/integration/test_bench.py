@@ -21,3 +21,19 @@ def test_attention_bench_smoke_checks_every_variant(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(c not in ("-", "nan") for c in cells[2:7]), row  # sdpa, flex on vattnd/empty, flex-paged
     assert "checked" in proc.stdout
+
+
+def test_footprint_bench_runs_real_daemons_and_reports_each_size(tmp_path):
+    """bench_footprint.py on host: a daemon per size, its memory and files read back, steps timed."""
+    import json
+
+    out = tmp_path / "footprint.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_footprint.py"), "--pages", "200,800",
+                           "--reps", "10", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pages"] for r in rows] == [200, 800]
+    # A host page is its memfd: the larger pool holds about 600 more open files.
+    assert 550 <= rows[1]["files"] - rows[0]["files"] <= 650
+    assert all(r["step_s"] > 0 and r["cpu_s"] > 0 and r["anon"] > 0 for r in rows)
+    assert "800 pages against 200" in proc.stdout

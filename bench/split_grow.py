@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Where a prefetched 64-page grow's time goes on CUDA, against the driver floor.
+
+    python bench/split_grow.py [--reps 80]
+
+Starts its own daemon (16 GiB of 2 MiB pages on GPU 0), grows one slot of a
+32-layer region by one page per tensor on prefetched spares, and splits each
+grow: the mapping the worker does while the call is in flight, the wait for
+the reply after it, the whole call, and the whole grow. After each grow it
+maps the same addresses bare (bench_cuda.Floor) with local handles and with
+handles imported from their own exported fds, to see whether mapping an
+imported page costs more. Prints medians and 10th percentiles.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--reps", type=int, default=80)
+args = ap.parse_args()
+
+from common import launch_daemon  # noqa: E402
+
+import bench_cuda  # noqa: E402
+import torch  # noqa: E402
+
+import vattn  # noqa: E402
+
+med = statistics.median
+d = launch_daemon("cuda", "16GiB", "2MiB")
+try:
+    pool = vattn.connect(d.socket)
+    cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=2, max_context=8192,
+                          dtype=torch.float16, prefetch_pages=64)
+    addrs = cache.page_addresses(0, 0, 1)
+    floor = bench_cuda.Floor(64, 1)
+    cu = floor.cu
+    imported = [cu.cuMemImportFromShareableHandle(os.dup(fd), floor.fd_type)[1] for fd in floor.fds]
+    local_handles = floor.handles
+    sess = pool.session
+    orig = sess.step_overlapped
+    split = {}
+    def spy(region_id, entries, during):
+        def timed():
+            t = time.perf_counter(); during(); split["map"] = time.perf_counter() - t; split["map_end"] = time.perf_counter()
+        t0 = time.perf_counter()
+        r = orig(region_id, entries, timed)
+        split["after_map"] = time.perf_counter() - split["map_end"]
+        split["call_total"] = time.perf_counter() - t0
+        return r
+    sess.step_overlapped = spy
+    rows = {k: [] for k in ("e2e", "map", "after_map", "call_total", "floor_local", "floor_imported", "floor_local2")}
+    for rep in range(args.reps):
+        cache.wait_prefetched()
+        slot = cache.alloc()
+        t0 = time.perf_counter()
+        cache.grow(slot, 1024)
+        e2e = time.perf_counter() - t0
+        cache.free(0)
+        if rep < 5: continue
+        rows["e2e"].append(e2e)
+        for k in ("map", "after_map", "call_total"): rows[k].append(split[k])
+        floor.handles = local_handles; rows["floor_local"].append(floor.map_at(addrs))
+        floor.handles = imported; rows["floor_imported"].append(floor.map_at(addrs))
+        floor.handles = local_handles; rows["floor_local2"].append(floor.map_at(addrs))
+    for k, v in rows.items():
+        print(f"{k:16s} median {med(v)*1e3:.3f} ms  p10 {sorted(v)[len(v)//10]*1e3:.3f}")
+    pool.close()
+finally:
+    d.stop()
