@@ -1,0 +1,273 @@
+"""transformers' continuous batching with its KV cache in vattnd memory (vattn.continuous_batching), host backend.
+
+The model is a small random-weight Llama from a config. Its weights are drawn
+with initializer_range=0.2 so that greedy decoding has clear winners (the
+smallest top-1/top-2 logit gap over these runs is ~1e-2, against ~1e-6 at the
+default 0.02): token identity across implementations then tests the KV
+cache, not float rounding. The models have no EOS token: every request makes
+exactly the tokens it asked for, on every path.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vattn  # noqa: E402
+from tests.conftest import start_daemon  # noqa: E402
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.generation import ContinuousBatchingConfig  # noqa: E402
+from transformers.generation.continuous_batching import continuous_api  # noqa: E402
+from transformers.generation.continuous_batching.cache import (  # noqa: E402
+    PagedAttentionCache,
+    PagedAttentionMemoryHandler,
+)
+from vattn.continuous_batching import ATTN_IMPLEMENTATION, VattnPagedCache, check_transformers, on_vattnd  # noqa: E402
+
+# (prompt tokens, new tokens): short and long prompts, short and long outputs; 90 > max_batch_tokens: chunked prefill
+REQUESTS = [(5, 20), (17, 9), (33, 30), (8, 3), (50, 25), (12, 14), (90, 11), (3, 40)]
+BLOCK = 16
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         initializer_range=0.2, eos_token_id=None, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def prompts(requests=REQUESTS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 256, (n,), generator=g).tolist() for n, _ in requests]
+
+
+def cb_config(**kw) -> ContinuousBatchingConfig:
+    return ContinuousBatchingConfig(**{"block_size": BLOCK, "max_batch_tokens": 64, **kw})
+
+
+GREEDY = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def serve(model, requests=REQUESTS, **cb) -> list[list[int]]:
+    """Serves the requests through a continuous-batching manager, each with its own max_new_tokens."""
+    with model.continuous_batching_context_manager(generation_config=GREEDY, continuous_batching_config=cb_config(**cb),
+                                                   block=True, timeout=10) as manager:
+        ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+               for i, (p, (_, n)) in enumerate(zip(prompts(requests), requests))]
+        results, deadline = {}, time.monotonic() + 60
+        while len(results) < len(ids) and time.monotonic() < deadline:
+            out = manager.get_result(timeout=1)
+            if out is not None and out.is_finished():
+                results[out.request_id] = out
+    assert all(results[rid].error is None for rid in ids), {rid: results[rid].error for rid in ids}
+    return [results[rid].generated_tokens for rid in ids]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """The same requests through transformers' own paths: generate with DynamicCache, and stock continuous
+    batching (paged|sdpa, whose CPU cache sizing needs psutil: given a fixed memory budget here instead)."""
+    with torch.no_grad():
+        dynamic = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                  pad_token_id=0)[0, len(p):].tolist()
+                   for p, (_, n) in zip(prompts(), REQUESTS)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PagedAttentionMemoryHandler, "get_available_memory", lambda self: 256 << 20)
+        model.set_attn_implementation("paged|sdpa")
+        try:
+            stock = serve(model, num_blocks=64)
+        finally:
+            model.set_attn_implementation("sdpa")
+    return dynamic, stock
+
+
+def test_transformers_internals_are_as_expected():
+    """Everything vattn.continuous_batching hooks into exists with the shape it relies on (see its docstring)."""
+    assert check_transformers() == []
+    assert continuous_api.PagedAttentionCache is PagedAttentionCache
+    assert transformers.__version__.startswith("5."), transformers.__version__
+    assert ATTN_IMPLEMENTATION in transformers.AttentionInterface._global_mapping
+
+
+def test_a_changed_internal_is_named_and_refused(model, monkeypatch):
+    """If transformers changes a hook (here: allocate_blocks' parameters), on_vattnd refuses to start and says
+    which one, instead of serving wrong tokens."""
+    monkeypatch.setattr(PagedAttentionCache, "allocate_blocks", lambda self, request_id, blocks: None)
+    problems = check_transformers()
+    assert len(problems) == 1 and "allocate_blocks" in problems[0]
+    with pytest.raises(vattn.InvalidArgument, match="transformers changed.*allocate_blocks"):
+        with on_vattnd(model, pool=None):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+    assert continuous_api.PagedAttentionCache is PagedAttentionCache
+
+
+@pytest.mark.parametrize("layout,decode,keep_freed", [("per_layer", "loop", False), ("all_layers", "batched", True)])
+def test_matches_stock_continuous_batching_and_generate(model, references, daemon, layout, decode, keep_freed):
+    dynamic, stock = references
+    assert stock == dynamic
+    pool = vattn.connect(daemon.socket)
+    try:
+        with on_vattnd(model, pool, max_batch=4, max_context=256, layout=layout, keep_freed=keep_freed,
+                       decode=decode) as engine:
+            assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+            assert continuous_api.PagedAttentionCache is not PagedAttentionCache
+            got = serve(model)
+            kv = engine.kv
+            assert isinstance(engine._cache, VattnPagedCache) and engine.refusals == 0
+            in_use = sum(kv.slots.in_use)
+            # Every request's pages went back when it finished, or stay idle for the next one (keep_freed).
+            assert in_use == 0 and (kv.idle_pages > 0) == keep_freed
+            assert daemon.used_pages() == kv.idle_pages
+        assert got == stock
+        assert model.config._attn_implementation == "sdpa"
+        assert continuous_api.PagedAttentionCache is PagedAttentionCache
+        assert daemon.wait_used_pages(0) == 0  # leaving the block released the region
+    finally:
+        pool.close()
+
+
+PRESSURE = [(5, 40), (17, 60), (33, 30), (8, 50), (50, 45), (12, 64), (90, 41), (3, 70), (64, 20), (70, 55)]
+
+
+def serve_batch(model, socket: str, tenant: str = "") -> tuple[list[list[int]], list, int]:
+    """generate_batch on the daemon at ``socket``: tokens and errors per request, and the grows vattnd refused."""
+    generation = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with vattn.connect(socket, tenant=tenant) as pool, on_vattnd(model, pool, max_batch=10, max_context=256) as engine:
+        out = model.generate_batch(prompts(PRESSURE), generation_config=generation,
+                                   continuous_batching_config=cb_config(), progress_bar=False)
+        return [o.generated_tokens for o in out.values()], [o.error for o in out.values()], engine.refusals
+
+
+@pytest.fixture(scope="module")
+def unconstrained(model):
+    """The pressure workload on a daemon with room for all of it."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="vattnd-test-", dir="/tmp")  # short: AF_UNIX paths are limited
+    ample = start_daemon(folder, page_size="16KiB")
+    try:
+        tokens, errors, refusals = serve_batch(model, ample.socket)
+    finally:
+        ample.stop()
+    assert errors == [None] * len(PRESSURE) and refusals == 0
+    return tokens
+
+
+@pytest.fixture(params=["small pool", "tenant at quota"])
+def tight(request, short_tmp):
+    """A daemon where the workload's KV (108 pages of 16 KiB) meets a limit of 32 pages (the largest request
+    needs 18): a pool that small, or a tenant quota that small on an ample pool."""
+    if request.param == "small pool":
+        d, tenant = start_daemon(short_tmp, pool_size="512KiB", page_size="16KiB"), ""
+    else:
+        d, tenant = start_daemon(short_tmp, "--quota", "small=512KiB", page_size="16KiB"), "small"
+    yield d, tenant
+    assert d.wait_used_pages(0) == 0, "pages leaked"
+    assert d.stop() == 0, d.log()
+    assert "Traceback" not in d.log(), d.log()
+
+
+def test_pressure_preempts_and_finishes_every_request(model, unconstrained, tight):
+    """vattnd refuses grows (pool exhausted / tenant at quota): the engine preempts and still finishes every
+    request, with the tokens of the run that had all the memory it wanted."""
+    daemon, tenant = tight
+    # 64 tokens a page; 6 tensors (3 layers, K and V): the pages the workload needs, against the limit
+    assert sum(-(-(p + n) // 64) * 6 for p, n in PRESSURE) > 3 * 32
+    tokens, errors, refusals = serve_batch(model, daemon.socket, tenant)
+    assert refusals > 0  # the limit was hit, and the engine dealt with it
+    assert errors == [None] * len(PRESSURE)
+    assert tokens == unconstrained
+
+
+def test_sliding_window_layers(daemon):
+    """A Mistral-style model (every layer a 12-token window) with chunked prefill: the slot keeps the whole
+    context and attention reads the window; same tokens as generate with transformers' sliding cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=12,
+                           max_position_embeddings=512, initializer_range=0.2, eos_token_id=None)
+    mistral = MistralForCausalLM(config).eval()
+    requests = [(5, 20), (33, 16), (50, 10)]
+    with torch.no_grad():
+        reference = [mistral.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)[0, len(p):].tolist()
+                     for p, (_, n) in zip(prompts(requests), requests)]
+    with vattn.connect(daemon.socket) as pool, on_vattnd(mistral, pool, max_batch=4, max_context=256):
+        assert serve(mistral, requests) == reference
+
+
+def test_clear_errors(model, daemon):
+    with vattn.connect(daemon.socket) as pool:
+        with on_vattnd(model, pool, max_batch=2, max_context=16) as engine:
+            assert engine.max_context == 16
+            out = model.generate_batch([[1] * 300, [2] * 5], generation_config=GREEDY, max_new_tokens=4,
+                                       continuous_batching_config=cb_config(max_batch_tokens=512), progress_bar=False)
+            assert all("pass a larger max_context" in o.error for o in out.values())
+            with pytest.raises(vattn.InvalidArgument, match="use_async_batching=False"):
+                model.generate_batch([[1] * 5], generation_config=GREEDY,
+                                     continuous_batching_config=cb_config(use_async_batching=True))
+            with pytest.raises(vattn.InvalidArgument, match="runs only inside"):
+                model(torch.tensor([[1, 2, 3]]))
+        with pytest.raises(vattn.InvalidArgument, match="decode="):
+            with on_vattnd(model, pool, decode="fast"):
+                pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_leaving_with_requests_in_flight_is_refused(model, daemon):
+    """Unmapping the region under a running engine would crash it: refused until the manager stops."""
+    with vattn.connect(daemon.socket) as pool, on_vattnd(model, pool, max_batch=2, max_context=256) as engine:
+        manager = model.init_continuous_batching(generation_config=GREEDY, continuous_batching_config=cb_config())
+        manager.start()
+        try:
+            manager.add_request([1] * 5, max_new_tokens=240)
+            deadline = time.monotonic() + 30
+            while not (engine._cache and engine._cache._slots) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(vattn.InvalidArgument, match="still in flight"):
+                engine.close()
+        finally:
+            manager.stop(block=True, hard_stop=True)
+    assert engine.kv is None and daemon.wait_used_pages(0) == 0
+
+
+def test_example_runs(daemon):
+    out = subprocess.run([sys.executable, "examples/transformers_cb.py", "--socket", daemon.socket, "--requests", "12",
+                          "--max-batch", "4", "--new-tokens", "8", "--max-prompt", "60"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "served 12 requests (0 failed)" in out.stdout and "pages in slots now: 0" in out.stdout
+
+
+def test_parallel_sampling_forks_slots(model, daemon):
+    """num_return_sequences=3: after prefill the engine forks each request; every child gets its own slot with a
+    copy of the parent's KV (top_k=1 sampling is greedy, so children must repeat the parent's tokens)."""
+    sampling = GenerationConfig(do_sample=True, top_k=1, eos_token_id=-1, pad_token_id=0, num_return_sequences=3)
+    with vattn.connect(daemon.socket) as pool, on_vattnd(model, pool, max_batch=8, max_context=256) as engine:
+        with model.continuous_batching_context_manager(generation_config=sampling,
+                                                       continuous_batching_config=cb_config()) as manager:
+            for i, p in enumerate(prompts()[:2]):
+                manager.add_request(p, request_id=f"r{i}", max_new_tokens=12)
+            results, deadline = {}, time.monotonic() + 60
+            while len(results) < 6 and time.monotonic() < deadline:
+                out = manager.get_result(timeout=1)
+                if out is not None and out.is_finished():
+                    results[out.request_id] = out
+    assert engine.forks == 4  # forked, not started over as new requests
+    assert sorted(results) == ["r0", "r0__child#0", "r0__child#1", "r1", "r1__child#0", "r1__child#1"]
+    for rid, out in results.items():
+        assert out.error is None and out.generated_tokens == results[rid.split("__")[0]].generated_tokens
