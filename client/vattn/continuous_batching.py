@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.generation.continuous_batching import cache as _tf_cache
 from transformers.generation.continuous_batching import continuous_api as _tf_api
@@ -291,6 +292,8 @@ class VattnPagedCache(_STOCK_CACHE):
         self._short_free: int | None = None
         self._plan: list = []
         self._batch: _BatchPlan | None = None
+        self._fi_pages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        engine.use_kernels(self)
 
     def _set_engine_attributes(self, config, cb) -> None:
         """One group of full-attention layers, no block sharing, no block table: what the engine reads."""
@@ -321,6 +324,14 @@ class VattnPagedCache(_STOCK_CACHE):
         if kv.all_layers or not kv.k[0].is_contiguous():
             return list(kv.k), list(kv.v), False
         return [t.view(shape) for t in kv.k], [t.view(shape) for t in kv.v], True
+
+    def fi_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V as FlashInfer pages of 16 tokens (views, made once)."""
+        pages = self._fi_pages.get(layer)
+        if pages is None:
+            pages = self._fi_pages[layer] = tuple(
+                FlashInferKernels.paged_views(t, self.max_context) for t in (self.kv.k[layer], self.kv.v[layer]))
+        return pages
 
     # ----- blocks -----------------------------------------------------------
     def allocate_blocks(self, n_blocks: int, request_id: str, allocated_blocks: int) -> int | None:
@@ -518,7 +529,11 @@ def _attend_prefills(out, query, k_cache, v_cache, batch: _BatchPlan, scale, win
         q = query[:, :, p.row : p.row + p.length]  # [1, heads, length, dim]
         k = k_cache[p.slot, first_key:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, dim]
         v = v_cache[p.slot, first_key:end].transpose(0, 1).unsqueeze(0)
-        mask = _prefill_mask(p.past, p.length, first_key, window, query.device)
+        if window is None and p.past and q.is_cuda:
+            # A later chunk sees every earlier key: causal aligned to the end, which flash kernels run as it is.
+            mask = causal_lower_right(p.length, end)
+        else:
+            mask = _prefill_mask(p.past, p.length, first_key, window, query.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            enable_gqa=True)
         out[p.row : p.row + p.length] = o[0].transpose(0, 1)
@@ -540,9 +555,13 @@ def _attend_decodes_batched(out, query, k_cache, v_cache, batch: _BatchPlan, sca
     slots, pos, mask, rows = batch.decode_view(window)
     k = k_cache[slots, pos].transpose(1, 2)  # [requests, kv_heads, keys, dim]
     v = v_cache[slots, pos].transpose(1, 2)
-    q = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [requests, heads, 1, dim]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    out.index_copy_(0, rows, o[:, :, 0])
+    requests, kv_heads = k.shape[0], k.shape[1]
+    heads, dim = query.shape[1], query.shape[-1]
+    # The query heads that share a KV head become that head's query rows: [requests, kv_heads, group, dim], so
+    # the kernel reads each key once and needs no GQA support (the memory-efficient kernel takes the mask).
+    q = query[0, :, rows].transpose(0, 1).reshape(requests, kv_heads, heads // kv_heads, dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out.index_copy_(0, rows, o.reshape(requests, heads, dim))
 
 
 def paged_vattn_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -565,6 +584,11 @@ def paged_vattn_attention(module, query, key, value, attention_mask, dropout: fl
     k_cache, v_cache = cache.kv.k[layer], cache.kv.v[layer]
     k_cache.index_put_((batch.slot_index, batch.pos_index), key[0].transpose(0, 1))
     v_cache.index_put_((batch.slot_index, batch.pos_index), value[0].transpose(0, 1))
+    kernels = cache.engine.kernels
+    if kernels is not None and sliding_window is None:
+        kernels.plan(batch, cache.max_context, query, cache.num_key_value_heads, k_cache.dtype, scaling)
+        k_pages, v_pages = cache.fi_pages(layer)
+        return kernels.run(query, k_pages, v_pages).unsqueeze(0), None
     out = query.new_empty(batch.total, query.shape[1], query.shape[-1])
     _attend_prefills(out, query, k_cache, v_cache, batch, scaling, sliding_window)
     if batch.decode_slots:
@@ -575,6 +599,95 @@ def paged_vattn_attention(module, query, key, value, attention_mask, dropout: fl
 
 _DECODES = {"loop": _attend_decodes_loop, "batched": _attend_decodes_batched}
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_vattn_attention)
+
+
+# ----- FlashInfer: paged kernels over identity block tables --------------------------------------------------------
+FI_BLOCK = 16  # tokens per FlashInfer page: small, so a long request splits across thread blocks
+FI_WORKSPACE_BYTES = 128 << 20
+
+
+def import_flashinfer():
+    """FlashInfer, or None where it is not installed or does not load (then attention uses SDPA)."""
+    try:
+        import flashinfer
+    except Exception as exc:  # noqa: BLE001 - any failure to load means: not here
+        log.info("FlashInfer is not usable here (%s): continuous batching on vattnd attends with SDPA", exc)
+        return None
+    return flashinfer
+
+
+class FlashInferKernels:
+    """FlashInfer's paged kernels reading vattnd slots as they are.
+
+    A slot's KV is contiguous, so its 16-token pages are consecutive: the
+    block table of a request is just the page numbers of its own slot
+    (an identity table over contiguous memory). That gives FlashInfer's
+    split-KV kernels their parallelism back at small batches (one page per
+    request would not: docs/attention.md) with no copy and no gather. One
+    plan per batch serves every layer: a batch of decodes only runs the
+    batch-decode kernel, any other batch the paged prefill kernel (causal,
+    aligned to each request's end, so chunked prefill and decodes mix).
+    """
+
+    def __init__(self, fi, device: torch.device):
+        self.fi = fi
+        self._decode = fi.BatchDecodeWithPagedKVCacheWrapper(
+            torch.zeros(FI_WORKSPACE_BYTES, dtype=torch.uint8, device=device), "NHD", use_tensor_cores=True)
+        self._prefill = fi.BatchPrefillWithPagedKVCacheWrapper(
+            torch.zeros(FI_WORKSPACE_BYTES, dtype=torch.uint8, device=device), "NHD")
+        self._planned = None  # the _BatchPlan the wrappers are planned for
+        self._wrapper = None
+
+    @staticmethod
+    def paged_views(tensor: torch.Tensor, max_context: int) -> torch.Tensor | None:
+        """``tensor`` ([batch, context, heads, dim], one layer's K or V) as [pages, 16, heads, dim], page
+        ``slot * (context / 16) + j`` = tokens ``16 j ..`` of that slot; None where slots are not back to back."""
+        batch, context, heads, dim = tensor.shape
+        slot_stride, token_stride, head_stride, last = tensor.stride()
+        if context % FI_BLOCK or slot_stride != context * token_stride or last != 1 or head_stride != dim:
+            return None
+        return tensor.as_strided((batch * context // FI_BLOCK, FI_BLOCK, heads, dim),
+                                 (FI_BLOCK * token_stride, token_stride, head_stride, 1))
+
+    @staticmethod
+    def identity_tables(entries, max_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FlashInfer's (indptr, indices, last page length) for requests ``(slot, past, length)``: request
+        r's pages are the first pages of its own slot, in order (int32, on the CPU)."""
+        slots = torch.tensor([slot for slot, _, _ in entries], dtype=torch.int64)
+        kv_lens = torch.tensor([past + length for _, past, length in entries], dtype=torch.int64)
+        pages = (kv_lens + FI_BLOCK - 1) // FI_BLOCK
+        indptr = torch.zeros(len(pages) + 1, dtype=torch.int64)
+        torch.cumsum(pages, 0, out=indptr[1:])
+        first = torch.repeat_interleave(slots * (max_context // FI_BLOCK) - indptr[:-1], pages)
+        indices = torch.arange(int(indptr[-1])) + first
+        last_len = kv_lens - (pages - 1) * FI_BLOCK
+        return indptr.to(torch.int32), indices.to(torch.int32), last_len.to(torch.int32)
+
+    def plan(self, batch: "_BatchPlan", max_context: int, query: torch.Tensor, kv_heads: int, kv_dtype,
+             scaling) -> None:
+        """Plans the batch's kernels once (at its first layer); later layers reuse the plan."""
+        if self._planned is batch:
+            return
+        device = query.device
+        lengths = torch.tensor([length for _, _, length in batch.entries], dtype=torch.int64)
+        indptr, indices, last_len = self.identity_tables(batch.entries, max_context)
+        heads, dim = query.shape[1], query.shape[-1]
+        common = dict(sm_scale=scaling, q_data_type=query.dtype, kv_data_type=kv_dtype)
+        if bool((lengths == 1).all()):
+            self._decode.plan(indptr.to(device), indices.to(device), last_len.to(device), heads, kv_heads, dim,
+                              FI_BLOCK, **common)
+            self._wrapper = self._decode
+        else:
+            qo_indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+            torch.cumsum(lengths, 0, out=qo_indptr[1:])
+            self._prefill.plan(qo_indptr.to(device), indptr.to(device), indices.to(device), last_len.to(device),
+                               heads, kv_heads, dim, FI_BLOCK, causal=True, **common)
+            self._wrapper = self._prefill
+        self._planned = batch
+
+    def run(self, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        """Attention of the planned batch: query [1, heads, tokens, dim] -> [tokens, heads, dim]."""
+        return self._wrapper.run(query[0].transpose(0, 1).contiguous(), (k_pages, v_pages))
 
 
 # ----- the switch --------------------------------------------------------------------------------------------------
@@ -621,7 +734,7 @@ class VattnEngine:
     """
 
     def __init__(self, model, pool, *, max_batch: int, max_context: int | None, layout: str, keep_freed: bool,
-                 wait_s: float, decode: str):
+                 wait_s: float, decode: str, attention: str = "auto"):
         if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
             raise InvalidArgument(f"vattn.continuous_batching needs torch >= 2.5 (SDPA with enable_gqa), not "
                                   f"{torch.__version__}: upgrade torch")
@@ -638,10 +751,15 @@ class VattnEngine:
         if decode not in ("auto", *_DECODES):
             raise InvalidArgument(f"decode={decode!r}: use 'auto', 'loop' or 'batched'")
         self.decode = decode
+        if attention not in ("auto", "sdpa", "flashinfer"):
+            raise InvalidArgument(f"attention={attention!r}: use 'auto', 'sdpa' or 'flashinfer'")
+        self.attention = attention
+        self.kernels: FlashInferKernels | None = None  # set per cache: FlashInfer's, or None (SDPA)
         self.kv = None
         self.refusals = 0
         self.forks = 0
         self._cache: VattnPagedCache | None = None
+        self._fi_kernels: tuple[torch.device, FlashInferKernels] | None = None
         self._original_attn = None
 
     def decode_for(self, device: torch.device) -> str:
@@ -650,6 +768,29 @@ class VattnEngine:
         if self.decode != "auto":
             return self.decode
         return "loop" if device.type == "cpu" else "batched"
+
+    def use_kernels(self, cache: VattnPagedCache) -> None:
+        """Picks the attention kernels for ``cache``: FlashInfer's paged kernels over the slots where asked
+        for (or, with ``auto``, where FlashInfer loads, on a GPU, with slots back to back), SDPA otherwise."""
+        self.kernels = None
+        half = cache.dtype in (torch.float16, torch.bfloat16)  # what FlashInfer's kernels take
+        if self.attention == "sdpa" or (self.attention == "auto" and (cache.device.type != "cuda" or not half)):
+            return
+        if not half:
+            raise InvalidArgument(f"attention='flashinfer' runs float16 and bfloat16 models, not {cache.dtype}: "
+                                  "convert the model, or use attention='sdpa'")
+        fi = import_flashinfer()
+        views_ok = FlashInferKernels.paged_views(cache.kv.k[0], cache.max_context) is not None
+        if fi is None or cache.device.type != "cuda" or not views_ok:
+            if self.attention == "flashinfer":
+                why = ("FlashInfer does not load here" if fi is None else "the model is not on a GPU"
+                       if cache.device.type != "cuda" else "the region's slots are not back to back (pick a "
+                       "max_context whose KV of one slot is whole vattnd pages)")
+                raise InvalidArgument(f"attention='flashinfer': {why}; or use attention='sdpa'")
+            return
+        if self._fi_kernels is None or self._fi_kernels[0] != cache.device:
+            self._fi_kernels = (cache.device, FlashInferKernels(fi, cache.device))
+        self.kernels = self._fi_kernels[1]
 
     # ----- regions ------------------------------------------------------------
     def make_cache(self, args: dict) -> VattnPagedCache:
@@ -683,9 +824,11 @@ class VattnEngine:
     def _context_for(self, cache: VattnPagedCache) -> int:
         """``max_context`` rounded up to whole engine blocks and, where it can be, whole vattnd pages (then
         slots are back to back and the engine's block copies work)."""
-        multiple = cache.block_size
+        multiple = math.lcm(cache.block_size, FI_BLOCK)
         token_bytes = cache.num_key_value_heads * cache.head_dim * cache.dtype.itemsize
-        if self.layout == "per_layer" and self.pool.page_size % token_bytes == 0:
+        if self.layout == "all_layers":  # one tensor holds every layer's K and V of a token
+            token_bytes *= 2 * cache.config.num_hidden_layers
+        if self.pool.page_size % token_bytes == 0:
             multiple = math.lcm(multiple, self.pool.page_size // token_bytes)
         return _round_up(self.max_context, multiple)
 
@@ -750,7 +893,7 @@ def _check_engine_config(cb, distributed_helper) -> None:
 
 @contextlib.contextmanager
 def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = None, layout: str = "per_layer",
-              keep_freed: bool = False, wait_s: float = 30.0, decode: str = "auto"):
+              keep_freed: bool = False, wait_s: float = 30.0, decode: str = "auto", attention: str = "auto"):
     """Runs ``model``'s continuous batching on ``pool`` (a :func:`vattn.connect` pool) inside the block.
 
     ``max_batch``: requests in flight at once (one slot each; more wait).
@@ -764,11 +907,16 @@ def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = Non
     ``"loop"``, one SDPA per request on a view of its slot (no copy, one call
     each); ``"batched"``, one SDPA over all of them, their keys padded to the
     longest (one call, one copy of those keys); ``"auto"`` (default): loop
-    on CPU, batched on GPU.
+    on CPU, batched on GPU. ``attention``: ``"flashinfer"``, FlashInfer's
+    paged kernels over identity block tables of the slots for the whole batch
+    (:class:`FlashInferKernels`; layers with a sliding window use SDPA);
+    ``"sdpa"``, SDPA per prefill and ``decode`` for decodes; ``"auto"``
+    (default): FlashInfer where it loads and the model is on a GPU in
+    float16 or bfloat16.
 
     Yields the :class:`VattnEngine` (``engine.kv``, ``engine.refusals``, ``engine.forks``).
     """
     engine = VattnEngine(model, pool, max_batch=max_batch, max_context=max_context, layout=layout,
-                         keep_freed=keep_freed, wait_s=wait_s, decode=decode)
+                         keep_freed=keep_freed, wait_s=wait_s, decode=decode, attention=attention)
     with engine:
         yield engine

@@ -271,3 +271,35 @@ def test_parallel_sampling_forks_slots(model, daemon):
     assert sorted(results) == ["r0", "r0__child#0", "r0__child#1", "r1", "r1__child#0", "r1__child#1"]
     for rid, out in results.items():
         assert out.error is None and out.generated_tokens == results[rid.split("__")[0]].generated_tokens
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "all_layers"])
+def test_flashinfer_pages_are_the_slots_own_tokens(short_tmp, layout):
+    """The FlashInfer path's block tables over vattnd memory (checked here without FlashInfer or a GPU): page
+    indices[indptr[r] + j] of the paged view holds tokens 16 j .. 16 j + 15 of request r's slot, and the
+    last page length makes the request's length."""
+    from vattn.continuous_batching import FI_BLOCK, FlashInferKernels
+
+    daemon = start_daemon(short_tmp, pool_size="8MiB", page_size="64KiB")
+    try:
+        with vattn.connect(daemon.socket) as pool:
+            kv = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=32, max_batch=4, max_context=512,
+                               dtype=torch.float16, layout=layout)
+            entries = [(2, 0, 37), (0, 100, 1), (3, 15, 17)]  # (slot, past, length)
+            for slot, past, length in entries:
+                kv.alloc(slot=slot)
+                kv.grow(slot, past + length)
+                kv.k[1][slot, : past + length] = torch.arange(past + length, dtype=torch.float16)[:, None, None] + slot * 1000
+            pages = FlashInferKernels.paged_views(kv.k[1], kv.max_context)
+            assert pages is not None and pages.shape == (4 * 512 // FI_BLOCK, FI_BLOCK, 2, 32)
+            # Slots that are not whole pages apart cannot be paged this way: refused (None), not misread.
+            assert FlashInferKernels.paged_views(kv.k[1][:, :500], 500) is None
+            indptr, indices, last = FlashInferKernels.identity_tables(entries, kv.max_context)
+            for r, (slot, past, length) in enumerate(entries):
+                mine = indices[indptr[r] : indptr[r + 1]].long()
+                assert (len(mine) - 1) * FI_BLOCK + int(last[r]) == past + length
+                tokens = pages[mine].reshape(-1, 2, 32)[: past + length]
+                assert torch.equal(tokens, kv.k[1][slot, : past + length])
+            kv.close()
+    finally:
+        daemon.stop()
