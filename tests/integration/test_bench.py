@@ -37,3 +37,17 @@ def test_footprint_bench_runs_real_daemons_and_reports_each_size(tmp_path):
     assert 550 <= rows[1]["files"] - rows[0]["files"] <= 650
     assert all(r["step_s"] > 0 and r["cpu_s"] > 0 and r["anon"] > 0 for r in rows)
     assert "800 pages against 200" in proc.stdout
+
+
+def test_engine_bench_smoke_serves_every_request_on_both_engines(tmp_path):
+    """bench_engine.py --smoke: stock continuous batching and the engine on vattnd, tiny model, host backend."""
+    import json
+
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_engine.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["stock (paged sdpa)", "vattnd (SDPA)"]
+    assert all(r["errors"] == 0 and r["requests"] == 6 and r["tokens"] == 36 for r in rows)
+    assert rows[1]["identical"].startswith("6/6")  # float32 on CPU: the same tokens as stock
