@@ -51,3 +51,17 @@ def test_engine_bench_smoke_serves_every_request_on_both_engines(tmp_path):
     assert [r["mode"] for r in rows] == ["stock (paged sdpa)", "vattnd (SDPA)"]
     assert all(r["errors"] == 0 and r["requests"] == 6 and r["tokens"] == 36 for r in rows)
     assert rows[1]["identical"].startswith("6/6")  # float32 on CPU: the same tokens as stock
+
+
+def test_two_models_bench_smoke_runs_every_configuration(tmp_path):
+    """bench_two_models.py --smoke: two engine processes on one daemon (shared, quota halves) and stock."""
+    import json
+
+    out = tmp_path / "two.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_two_models.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert sorted((r["mode"], r["engine"]) for r in rows) == [(m, e) for m in ("halves", "shared", "stock")
+                                                              for e in "AB"]
+    assert all(r["completed"] == r["requests"] and r["failed"] == 0 and r["lost"] == 0 for r in rows)
