@@ -104,6 +104,10 @@ log = logging.getLogger("vattn.continuous_batching")
 ATTN_IMPLEMENTATION = "paged|vattn"
 _STOCK_CACHE = _tf_cache.PagedAttentionCache
 _DEFAULT_MAX_BATCH_TOKENS = 4096
+# After vattnd refuses a grow, the engine admits new work only with the blocks it gives back itself, for this
+# long; then it tries again, since other sessions on the pool give pages back too (a new refusal only makes
+# a waiting request wait).
+SHORT_BELIEF_S = 0.1
 
 
 # ----- what transformers must provide --------------------------------------------------------------------------
@@ -288,8 +292,10 @@ class VattnPagedCache(_STOCK_CACHE):
                 "max_context whose K of one slot is a whole number of vattnd pages, or cpu_offload_space=0")
         self._slots: dict[str, int] = {}
         self._blocks_used = 0
-        # None: the pool is not known to be short. An int: blocks known free since the last refusal.
+        # None: the pool is not known to be short. An int: blocks known free since the last refusal, believed
+        # until _short_until (other sessions free pages too, and only a new try finds out).
         self._short_free: int | None = None
+        self._short_until = 0.0
         self._plan: list = []
         self._batch: _BatchPlan | None = None
         self._fi_pages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -382,6 +388,7 @@ class VattnPagedCache(_STOCK_CACHE):
             except ResourceExhausted as exc:
                 self.engine.refusals += 1
                 self._short_free = 0
+                self._short_until = time.monotonic() + SHORT_BELIEF_S
                 if self._others_hold_pages(request_id):
                     return False
                 now = time.monotonic()
@@ -421,8 +428,11 @@ class VattnPagedCache(_STOCK_CACHE):
 
     def get_num_free_blocks(self) -> int:
         """Blocks the engine may still count on: the slots' unused blocks, or, since vattnd last refused a
-        grow, only what this engine gave back since (the pool is shared: that is all it knows is free)."""
+        grow and for SHORT_BELIEF_S after, only what this engine gave back since (the pool is shared: that is
+        all it knows is free)."""
         free = self.num_blocks - self._blocks_used
+        if self._short_free is not None and time.monotonic() >= self._short_until:
+            self._short_free = None  # pages may have come back from other sessions: try again
         return free if self._short_free is None else min(free, self._short_free)
 
     def search_prefix_match(self, request_id: str, prompt_ids: list[int]) -> int:
