@@ -223,7 +223,7 @@ def main() -> None:
         for _ in range(10):
             t0 = time.perf_counter()
             p = vattn.connect(sock)
-            c = p.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=64, max_context=32768,
+            p.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=64, max_context=32768,
                            dtype=torch.float16)
             attach.append(time.perf_counter() - t0)
             p.close()

@@ -30,7 +30,6 @@ tokens equal the stock run's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -278,10 +277,7 @@ def main() -> None:
                       "stock continuous batching and generate disagree the same way); tests/gpu/test_engine_gpu.py "
                       "checks token identity in float32 and FlashInfer's outputs against float32 attention."]
     lines += ["", f"command: python bench/bench_engine.py {' '.join(sys.argv[1:])} (code: {SOURCE})"]
-    emit("\n".join(lines), args.out)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([{k: v for k, v in r.items() if k != "outputs"} for r in rows], fh, indent=1)
+    emit("\n".join(lines), args.out, args.json, [{k: v for k, v in r.items() if k != "outputs"} for r in rows])
     if any(r["errors"] for r in rows):
         raise SystemExit(f"requests failed: {[(r['mode'], r['first_error']) for r in rows if r['errors']]}")
 

@@ -24,7 +24,6 @@ its open files do not grow with the pool.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -156,10 +155,7 @@ def main() -> None:
         lines += ["", f"{big} pages against {small} (medians over the rows of each size): step "
                       f"{per(big, 'step_s') / per(small, 'step_s'):.2f}x, daemon CPU per step "
                       f"{per(big, 'cpu_s') / per(small, 'cpu_s'):.2f}x"]
-    emit("\n".join(lines), args.out)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"backend": args.backend, "page": page, "card": card, "rows": rows}, fh, indent=1)
+    emit("\n".join(lines), args.out, args.json, {"backend": args.backend, "page": page, "card": card, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ daemon's own code.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -92,10 +91,7 @@ def main() -> None:
     lines = [f"daemon instructions per 64-page grow + free (callgrind, host backend, {args.rounds} round trips)", "",
              "| transport | instructions |", "|---|---:|"]
     lines += [f"| {r['transport']} | {r['instructions_per_round_trip']:,.0f} |" for r in rows]
-    emit("\n".join(lines), args.out)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    emit("\n".join(lines), args.out, args.json, rows)
 
 
 if __name__ == "__main__":

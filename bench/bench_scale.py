@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -116,10 +115,7 @@ def main() -> None:
         lines.append(f"| {r['pages']:,} | {r['bytes_per_page']:.0f} | {r['bring_up_s']:.2f} | {r['step_64_us']:.0f} "
                      f"| {r['shrink_64_us']:.0f} | {r['audit_lock_ms']:.2f} | {r['audit_check_ms']:.0f} "
                      f"| {r['snapshot_ms']:.2f} |")
-    emit("\n".join(lines), args.out)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    emit("\n".join(lines), args.out, args.json, rows)
 
 
 if __name__ == "__main__":

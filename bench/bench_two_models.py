@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import random
@@ -242,10 +241,7 @@ def main() -> None:
         ratio = f"{tps / (base['tokens'] / base['makespan']):.2f}x" if base else "-"
         lines.append(f"| {mode} | {t['completed']} | {tps:.0f} | {ratio} |")
     lines += ["", f"command: python bench/bench_two_models.py {' '.join(sys.argv[1:])}"]
-    emit("\n".join(lines), args.out)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    emit("\n".join(lines), args.out, args.json, rows)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,14 @@ def launch_daemon(backend: str, pool_size: str, page_size: str, *extra: str, wai
     return daemon
 
 
-def emit(text: str, out: str | None) -> None:
-    """Prints a result and, with --out, writes it to that file too."""
+def emit(text: str, out: str | None, json_path: str | None = None, data=None) -> None:
+    """Prints a result and, with --out, writes it to that file too; with --json, ``data`` goes to that file."""
     print(text)
     if out:
         with open(out, "w") as fh:
             fh.write(text + "\n")
+    if json_path:
+        import json
+
+        with open(json_path, "w") as fh:
+            json.dump(data, fh, indent=1)

@@ -29,7 +29,6 @@ import multiprocessing
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 

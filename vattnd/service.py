@@ -36,7 +36,6 @@ from vattn.contract.errors import (
     Internal,
     InvalidArgument,
     PermissionDenied,
-    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     VattnError,

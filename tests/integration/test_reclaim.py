@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 import vattn
 from tests.integration import workers

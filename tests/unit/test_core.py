@@ -1,7 +1,6 @@
 """The pure pool core: unit tests and a hypothesis state machine."""
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
