@@ -210,6 +210,24 @@ def test_sliding_window_layers(daemon):
         assert serve(mistral, requests) == reference
 
 
+def test_a_qwen2_style_model_matches_generate(daemon):
+    """A Qwen2-style model (biases on q/k/v, GQA 4/2): the same tokens as generate with DynamicCache."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, eos_token_id=None, use_sliding_window=False)
+    qwen = Qwen2ForCausalLM(config).eval()
+    requests = [(5, 20), (70, 12), (33, 16)]
+    with torch.no_grad():
+        reference = [qwen.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)[0, len(p):].tolist()
+                     for p, (_, n) in zip(prompts(requests), requests)]
+    with vattn.connect(daemon.socket) as pool, on_vattnd(qwen, pool, max_batch=4, max_context=256):
+        assert serve(qwen, requests) == reference
+
+
 def test_clear_errors(model, daemon):
     with vattn.connect(daemon.socket) as pool:
         with on_vattnd(model, pool, max_batch=2, max_context=16) as engine:
