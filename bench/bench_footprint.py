@@ -141,7 +141,8 @@ def main() -> None:
     ]
     prev = None
     for r in rows:
-        slope = "" if prev is None else f"{(r['anon'] - prev['anon']) / (r['pages'] - prev['pages']):.0f}"
+        slope = ("" if prev is None or r["pages"] == prev["pages"]
+                 else f"{(r['anon'] - prev['anon']) / (r['pages'] - prev['pages']):.0f}")
         lines.append(f"| {r['pages']} | {r['ready_s']:.2f} | {r['rss'] / 2**20:.1f} | {r['anon'] / 2**20:.1f} | "
                      f"{r['anon_after'] / 2**20:.1f} | {slope} | {r['files']} | {r['step_s'] * 1e3:.3f} | "
                      f"{r['step_p90_s'] * 1e3:.3f} | {r['cpu_s'] * 1e6:.0f} |")

@@ -23,7 +23,7 @@ drains or idles. The same trace runs three ways, one after the other:
 Printed per configuration and engine: requests completed and failed,
 generated tokens, tokens/s over the trace (tokens / time until the engine's
 last request finished), request latency p50/p99 (from submission), KV
-memory peak and mean (vattnd: mapped pages, sampled every 20 ms; stock: its
+memory peak and mean (vattnd: mapped pages, sampled every 10 ms; stock: its
 reservation), refusals; and the whole trace's tokens/s with its ratio to
 the static halves.
 """
@@ -52,6 +52,16 @@ def token_bytes(config, dtype_size: int) -> int:
 
 
 def engine_process(label: str, model_name: str, mode: str, sock: str, schedule, args, barrier, out) -> None:
+    """One engine (a process): its row, or one that names the error, always goes to ``out``."""
+    try:
+        out.put(run_engine(label, model_name, mode, sock, schedule, args, barrier))
+    except BaseException as exc:
+        barrier.abort()  # the other engine stops waiting for this one
+        out.put({"engine": label, "model": model_name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def run_engine(label: str, model_name: str, mode: str, sock: str, schedule, args, barrier) -> dict:
     """One engine: builds its model, waits for the start, submits its bursts on time, collects every result."""
     import torch
     from transformers import GenerationConfig
@@ -92,7 +102,7 @@ def engine_process(label: str, model_name: str, mode: str, sock: str, schedule, 
         manager.start()
         submitted: dict[str, float] = {}
         sampler = KVSampler(engine, tb) if engine is not None else contextlib.nullcontext()
-        barrier.wait()
+        barrier.wait(timeout=900)
         t0 = time.perf_counter()
 
         def submit() -> None:
@@ -117,6 +127,7 @@ def engine_process(label: str, model_name: str, mode: str, sock: str, schedule, 
         manager.stop(block=True)
         if engine is not None:
             row["refusals"] = engine.refusals
+        row["kernels"] = "stock paged|sdpa" if engine is None else ("FlashInfer" if engine.kernels else "SDPA")
     if pool is not None:
         pool.close()
     done = [(t, r) for t, r in results.values() if r.error is None]
@@ -135,7 +146,7 @@ def engine_process(label: str, model_name: str, mode: str, sock: str, schedule, 
         samples = sampler.samples or [(0, 0, 0)]
         row["kv_peak"] = max(m for m, _, _ in samples)
         row["kv_mean"] = statistics.mean(m for m, _, _ in samples)
-    out.put(row)
+    return row
 
 
 def schedules(args, vocab: int) -> dict[str, list]:
@@ -191,6 +202,7 @@ def main() -> None:
             half = args.kv_bytes // 2
             extra = ["--quota", f"engine-A={half}", "--quota", f"engine-B={half}"]
         daemon = None if mode == "stock" else launch_daemon(backend, args.kv, page, *extra)
+        procs = []
         try:
             barrier, out = SPAWN.Barrier(2), SPAWN.Queue()
             procs = [SPAWN.Process(target=engine_process, args=(label, models[label], mode,
@@ -199,14 +211,17 @@ def main() -> None:
                      for label in "AB"]
             for p in procs:
                 p.start()
-            got = [out.get(timeout=args.timeout + 600) for _ in procs]
+            got = [out.get(timeout=args.timeout + 900) for _ in procs]
             for p in procs:
                 p.join(60)
+            errors = [f"{r['engine']}: {r['error']}" for r in got if "error" in r]
+            if errors:
+                raise SystemExit(f"{mode}: " + "; ".join(errors))
             rows += sorted(got, key=lambda r: r["engine"])
-            crashed = [p.exitcode for p in procs if p.exitcode]
-            if crashed:
-                raise SystemExit(f"{mode}: an engine process exited with {crashed}")
         finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
             if daemon is not None:
                 daemon.stop()
         print(f"{mode}: " + ", ".join(f"{r['engine']} {r['completed']}/{r['requests']} in {r['makespan_s']:.1f} s "
@@ -218,16 +233,17 @@ def main() -> None:
              f"({'bf16' if cuda else 'float32'}); KV budget {args.kv}; bursts of {args.burst_a} (A) and "
              f"{args.burst_b} (B) requests, prompts {args.prompt} tokens, {args.new} new tokens, A at 0 and "
              f"{2 * args.gap:g} s, B at {args.gap:g} and {3 * args.gap:g} s", "",
-             "| configuration | engine | completed / requests | failed | lost | tokens | tokens/s | latency p50 / p99 (s) "
-             "| KV peak | KV mean | refusals |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| configuration | engine | attention | completed / requests | failed | lost | tokens | tokens/s "
+             "| latency p50 / p99 (s) | KV peak | KV mean | refusals |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     def size(n: float) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
     totals = {}
     for r in rows:
         tps = r["tokens"] / r["makespan_s"] if r["completed"] else 0.0
-        lines.append(f"| {r['mode']} | {r['engine']} ({r['model']}) | {r['completed']} / {r['requests']} | {r['failed']} "
+        lines.append(f"| {r['mode']} | {r['engine']} ({r['model']}) | {r['kernels'].replace('|', ' ')} "
+                     f"| {r['completed']} / {r['requests']} | {r['failed']} "
                      f"| {r['lost']} | {r['tokens']} | {tps:.0f} | {r['latency_p50']:.1f} / {r['latency_p99']:.1f} "
                      f"| {size(r['kv_peak'])} | {size(r['kv_mean'])} | {r.get('refusals', '-')} |")
         t = totals.setdefault(r["mode"], {"tokens": 0, "makespan": 0.0, "completed": 0})

@@ -356,6 +356,7 @@ class VattnPagedCache(_STOCK_CACHE):
         want = min(have + n_blocks, self.blocks_per_slot)
         if not self._grow(request_id, slot, want * self.block_size):
             if not table:
+                del self._tables[request_id]
                 self._release(request_id)
             return None
         first = slot * self.blocks_per_slot
@@ -792,6 +793,9 @@ class VattnEngine:
         fi = import_flashinfer()
         views_ok = FlashInferKernels.paged_views(cache.kv.k[0], cache.max_context) is not None
         if fi is None or cache.device.type != "cuda" or not views_ok:
+            if fi is not None and cache.device.type == "cuda":
+                log.warning("attention on vattnd falls back to SDPA: the region's slots are not whole pages apart "
+                            "(max_context %d)", cache.max_context)
             if self.attention == "flashinfer":
                 why = ("FlashInfer does not load here" if fi is None else "the model is not on a GPU"
                        if cache.device.type != "cuda" else "the region's slots are not back to back (pick a "
@@ -806,7 +810,11 @@ class VattnEngine:
     def make_cache(self, args: dict) -> VattnPagedCache:
         _check_engine_config(args["continuous_batching_config"], args["distributed_helper"])
         if self._cache is not None:
-            self._cache.free_all_requests()  # the previous manager is done with it
+            if self._cache._slots:
+                raise InvalidArgument(
+                    f"another continuous-batching manager of this model still has {len(self._cache._slots)} "
+                    "requests on vattnd: stop it (manager.stop(block=True)) before starting a new one")
+            self._cache.free_all_requests()
         self._cache = VattnPagedCache(self, args["config"], args["continuous_batching_config"], args["device"],
                                       args["dtype"])
         return self._cache
@@ -832,14 +840,14 @@ class VattnEngine:
         return self.kv
 
     def _context_for(self, cache: VattnPagedCache) -> int:
-        """``max_context`` rounded up to whole engine blocks and, where it can be, whole vattnd pages (then
-        slots are back to back and the engine's block copies work)."""
+        """``max_context`` rounded up to whole engine blocks and whole vattnd pages of KV (then slots are back
+        to back: FlashInfer can page them and the engine's block copies work)."""
         multiple = math.lcm(cache.block_size, FI_BLOCK)
         token_bytes = cache.num_key_value_heads * cache.head_dim * cache.dtype.itemsize
         if self.layout == "all_layers":  # one tensor holds every layer's K and V of a token
             token_bytes *= 2 * cache.config.num_hidden_layers
-        if self.pool.page_size % token_bytes == 0:
-            multiple = math.lcm(multiple, self.pool.page_size // token_bytes)
+        # The fewest tokens whose KV is whole pages (page_size / gcd): slots are then back to back.
+        multiple = math.lcm(multiple, self.pool.page_size // math.gcd(self.pool.page_size, token_bytes))
         return _round_up(self.max_context, multiple)
 
     # ----- switching on and off -------------------------------------------------------------------------------

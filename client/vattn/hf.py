@@ -184,11 +184,18 @@ class VattnCache(Cache):
         if taken:
             raise InvalidArgument(f"slots {taken} serve other requests: the batch cannot grow into them; "
                                   "give this VattnCache slots with free ones after them")
-        for slot in range(hi, new_hi):
-            self.kv.alloc(slot=slot)
-        length = max(layer.length for layer in self.layers)
-        if new_hi > hi and length:
-            self.kv.step({slot: length for slot in range(hi, new_hi)})
+        claimed = []
+        try:
+            for slot in range(hi, new_hi):
+                self.kv.alloc(slot=slot)
+                claimed.append(slot)
+            length = max(layer.length for layer in self.layers)
+            if new_hi > hi and length:
+                self.kv.step({slot: length for slot in range(hi, new_hi)})
+        except BaseException:
+            for slot in claimed:  # the batch stays as it was
+                self.kv.free(slot)
+            raise
         for slot in range(new_hi, hi):
             self.kv.free(slot)
         self.slots = list(range(lo, new_hi))
