@@ -8,11 +8,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs bench/SCRIPT with ARGS from the repository root; fails the test if it fails."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_attention_bench_smoke_checks_every_variant(tmp_path):
     out = tmp_path / "attention.md"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_attention.py"), "--smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench("bench_attention.py", "--smoke", "--out", str(out))
     text = out.read_text()
     # Two prefill and two decode cases, each with a times row and a ratios row; the paged
     # variant ran (its correctness check passed) in every case.
@@ -28,9 +34,7 @@ def test_footprint_bench_runs_real_daemons_and_reports_each_size(tmp_path):
     import json
 
     out = tmp_path / "footprint.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_footprint.py"), "--pages", "200,800",
-                           "--reps", "10", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench("bench_footprint.py", "--pages", "200,800", "--reps", "10", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["pages"] for r in rows] == [200, 800]
     # A host page is its memfd: the larger pool holds about 600 more open files.
@@ -44,9 +48,7 @@ def test_engine_bench_smoke_serves_every_request_on_both_engines(tmp_path):
     import json
 
     out = tmp_path / "engine.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_engine.py"), "--smoke", "--json",
-                           str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_bench("bench_engine.py", "--smoke", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["stock (paged sdpa)", "vattnd (SDPA)"]
     assert all(r["errors"] == 0 and r["requests"] == 6 and r["tokens"] == 36 for r in rows)
@@ -58,9 +60,7 @@ def test_two_models_bench_smoke_runs_every_configuration(tmp_path):
     import json
 
     out = tmp_path / "two.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_two_models.py"), "--smoke", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_bench("bench_two_models.py", "--smoke", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
     assert sorted((r["mode"], r["engine"]) for r in rows) == [(m, e) for m in ("halves", "shared", "stock")
                                                               for e in "AB"]

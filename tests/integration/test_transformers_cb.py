@@ -191,41 +191,31 @@ def test_pressure_preempts_and_finishes_every_request(model, unconstrained, tigh
     assert tokens == unconstrained
 
 
-def test_sliding_window_layers(daemon):
-    """A Mistral-style model (every layer a 12-token window) with chunked prefill: the slot keeps the whole
-    context and attention reads the window; same tokens as generate with transformers' sliding cache."""
-    from transformers import MistralConfig, MistralForCausalLM
+def _other_family(family: str):
+    """A tiny random-weight model of another family: Mistral-style (every layer a 12-token window) or
+    Qwen2-style (biases on q/k/v)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=12,
-                           max_position_embeddings=512, initializer_range=0.2, eos_token_id=None)
-    mistral = MistralForCausalLM(config).eval()
-    requests = [(5, 20), (33, 16), (50, 10)]
+    common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, eos_token_id=None)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(head_dim=32, sliding_window=12, **common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=False, **common)).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_model_families_match_generate(daemon, family):
+    """Mistral-style sliding windows with chunked prefill (the slot keeps the whole context, attention reads the
+    window) and Qwen2-style q/k/v biases: the same tokens as generate with transformers' own cache."""
+    model = _other_family(family)
+    requests = [(5, 20), (33, 16), (50, 10), (70, 12)]
     with torch.no_grad():
-        reference = [mistral.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                                      pad_token_id=0)[0, len(p):].tolist()
+        reference = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=0)[0, len(p):].tolist()
                      for p, (_, n) in zip(prompts(requests), requests)]
-    with vattn.connect(daemon.socket) as pool, on_vattnd(mistral, pool, max_batch=4, max_context=256):
-        assert serve(mistral, requests) == reference
-
-
-def test_a_qwen2_style_model_matches_generate(daemon):
-    """A Qwen2-style model (biases on q/k/v, GQA 4/2): the same tokens as generate with DynamicCache."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, eos_token_id=None, use_sliding_window=False)
-    qwen = Qwen2ForCausalLM(config).eval()
-    requests = [(5, 20), (70, 12), (33, 16)]
-    with torch.no_grad():
-        reference = [qwen.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                                   pad_token_id=0)[0, len(p):].tolist()
-                     for p, (_, n) in zip(prompts(requests), requests)]
-    with vattn.connect(daemon.socket) as pool, on_vattnd(qwen, pool, max_batch=4, max_context=256):
-        assert serve(qwen, requests) == reference
+    with vattn.connect(daemon.socket) as pool, on_vattnd(model, pool, max_batch=4, max_context=256):
+        assert serve(model, requests) == reference
 
 
 def test_clear_errors(model, daemon):
