@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit  # noqa: E402
+from common import emit, launch_timed  # noqa: E402
 
 PAGE = 2 << 20
 SPREAD = 1 << 30  # bytes reserved per range in the "spread" floor
@@ -46,46 +45,13 @@ def p90(xs):
 
 
 def start_daemon(pool_size: str, page_size: int, folder: str):
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """A CUDA daemon on GPU 0, timed: (process, socket, log path, first RPC s, SERVING s, pages of GPU 0)."""
+    from vattn.session import stats
 
-    from vattn.v1 import vattn_pb2 as pb
-    from vattn.v1 import vattn_pb2_grpc as pb_grpc
-
-    sock = os.path.join(folder, "vattnd.sock")
-    log = open(os.path.join(folder, "vattnd.log"), "wb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda", "--devices", "0",
-         "--pool-size", pool_size, "--page-size", str(page_size), "--metrics-port", "-1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    first_rpc = ready = None
-    # Reconnect at once: gRPC's default backoff (1 s) would hide the real time.
-    fast = [("grpc.initial_reconnect_backoff_ms", 1), ("grpc.min_reconnect_backoff_ms", 1),
-            ("grpc.max_reconnect_backoff_ms", 5)]
-    channel = grpc.insecure_channel(f"unix:{sock}", options=fast)
-    stub, health = pb_grpc.PoolStub(channel), health_pb2_grpc.HealthStub(channel)
-    while ready is None:
-        if proc.poll() is not None:
-            raise SystemExit(open(log.name).read())
-        try:
-            if first_rpc is None:
-                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
-                first_rpc = time.perf_counter() - t0
-            status = health.Check(health_pb2.HealthCheckRequest(service="vattn.v1.Pool"), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                ready = time.perf_counter() - t0
-        except grpc.RpcError:
-            pass
-        time.sleep(0.001)
-        if time.perf_counter() - t0 > 300:
-            raise SystemExit("daemon not ready after 300 s")
-    channel.close()
-    info = grpc.insecure_channel(f"unix:{sock}")
-    pages = pb_grpc.PoolStub(info).GetServerInfo(pb.GetServerInfoRequest()).devices[0].pages_total
-    info.close()
-    return proc, sock, log.name, first_rpc, ready, pages
+    proc, sock, log_path, first_rpc, ready = launch_timed(
+        folder, "--backend", "cuda", "--devices", "0", "--pool-size", pool_size, "--page-size", str(page_size),
+        "--metrics-port", "-1")
+    return proc, sock, log_path, first_rpc, ready, stats(sock).pools[0].pages_total
 
 
 class Floor:

@@ -20,14 +20,13 @@ import os
 import resource
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, emit  # noqa: E402
+from common import emit, launch_timed  # noqa: E402
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -43,42 +42,15 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     args = ap.parse_args()
 
-    import grpc
     import torch
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tests.integration import workers
     from vattn.session import stats
-    from vattn.v1 import vattn_pb2 as pb
-    from vattn.v1 import vattn_pb2_grpc as pb_grpc
 
     gpus = torch.cuda.device_count()
     folder = tempfile.mkdtemp(prefix="vattnd-node-", dir="/tmp")
-    sock = os.path.join(folder, "vattnd.sock")
-    log = open(os.path.join(folder, "vattnd.log"), "wb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "vattnd_cli", "start", "--socket", sock, "--backend", "cuda",
-                             "--page-size", "2MiB", "--metrics-port", "-1"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
-    fast = [("grpc.initial_reconnect_backoff_ms", 1), ("grpc.min_reconnect_backoff_ms", 1),
-            ("grpc.max_reconnect_backoff_ms", 5)]
-    channel = grpc.insecure_channel(f"unix:{sock}", options=fast)
-    stub, health = pb_grpc.PoolStub(channel), health_pb2_grpc.HealthStub(channel)
-    first_rpc = ready = None
-    while ready is None:
-        if proc.poll() is not None:
-            raise SystemExit(open(log.name).read())
-        try:
-            if first_rpc is None:
-                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
-                first_rpc = time.perf_counter() - t0
-            if health.Check(health_pb2.HealthCheckRequest(service="vattn.v1.Pool"), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                ready = time.perf_counter() - t0
-        except grpc.RpcError:
-            pass
-        time.sleep(0.001)
-    channel.close()
+    proc, sock, _, first_rpc, ready = launch_timed(folder, "--backend", "cuda", "--page-size", "2MiB",
+                                                   "--metrics-port", "-1")
     files = len(os.listdir(f"/proc/{proc.pid}/fd"))
     pools = stats(sock).pools
     try:

@@ -42,19 +42,24 @@ def cache_of(pool):
     return pool.kv_cache(**GEOM, dtype=torch.float16, prefetch_pages=0)
 
 
+def grow_loop(caches, reps: int) -> list[float]:
+    """Grows a slot of the caches in turn and frees it, reps times (after 2 not counted); each grow's seconds."""
+    times = []
+    for i in range(reps + 2):
+        cache = caches[i % len(caches)]
+        slot = cache.alloc()
+        t0 = time.perf_counter()
+        cache.grow(slot, 1024)
+        times.append(time.perf_counter() - t0)
+        cache.free(slot)
+    return times[2:]
+
+
 def own(sock: str, reps: int) -> list[float]:
     import vattn
 
-    times = []
     with vattn.connect(sock) as pool:
-        cache = cache_of(pool)
-        for _ in range(reps + 2):
-            slot = cache.alloc()
-            t0 = time.perf_counter()
-            cache.grow(slot, 1024)
-            times.append(time.perf_counter() - t0)
-            cache.free(slot)
-    return times[2:]
+        return grow_loop([cache_of(pool)], reps)
 
 
 def new_sessions(sock: str, reps: int) -> list[float]:
@@ -75,17 +80,8 @@ def new_sessions(sock: str, reps: int) -> list[float]:
 def trading(sock: str, reps: int) -> list[float]:
     import vattn
 
-    times = []
     with vattn.connect(sock) as a, vattn.connect(sock) as b:
-        caches = [cache_of(a), cache_of(b)]
-        for i in range(reps + 2):
-            cache = caches[i % 2]
-            slot = cache.alloc()
-            t0 = time.perf_counter()
-            cache.grow(slot, 1024)
-            times.append(time.perf_counter() - t0)
-            cache.free(slot)
-    return times[2:]
+        return grow_loop([cache_of(a), cache_of(b)], reps)
 
 
 def main() -> None:
