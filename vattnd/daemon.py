@@ -68,6 +68,8 @@ class Config:
     admin_group: str | None = None
     # Tenant -> quota in bytes (per daemon, all devices together).
     quotas: dict[str, int] = field(default_factory=dict)
+    # Tenant -> bytes kept for it (lent to others while unused; see PoolCore.set_reserve).
+    reserves: dict[str, int] = field(default_factory=dict)
     priorities: dict[str, int] = field(default_factory=dict)
     # Tenant -> Unix uids allowed to open sessions for it.
     tenant_uids: dict[str, set[int]] = field(default_factory=dict)
@@ -209,6 +211,15 @@ class Daemon:
             self._pages_wanted[dev.index] = pages
         for tenant, quota in sorted(cfg.quotas.items()):
             _whole_pages(f"--quota {tenant}=", quota, cfg.page_size)
+        for tenant, reserve in sorted(cfg.reserves.items()):
+            _whole_pages(f"--reserve {tenant}=", reserve, cfg.page_size)
+            if tenant in cfg.quotas and reserve > cfg.quotas[tenant]:
+                raise StartupError(f"--reserve {tenant}={format_size(reserve)} is more than its --quota "
+                                   f"({format_size(cfg.quotas[tenant])}): lower the reserve or raise the quota")
+        smallest = min(self._pages_wanted.values(), default=0) * cfg.page_size
+        if sum(cfg.reserves.values()) > smallest:
+            raise StartupError(f"the reserves add up to {format_size(sum(cfg.reserves.values()))}, more than a "
+                               f"device's pool ({format_size(smallest)}): they could not all be kept; lower them")
         if self.backend.handles_are_fds:  # host: one memfd a page
             raise_nofile_limit(sum(self._pages_wanted.values()))
             fd_budget = 0
@@ -224,6 +235,12 @@ class Daemon:
         for tenant in sorted(set(cfg.quotas) | set(cfg.priorities)):
             quota = cfg.quotas.get(tenant)
             core.set_quota(tenant, None if quota is None else quota // cfg.page_size, cfg.priorities.get(tenant))
+        for tenant, reserve in sorted(cfg.reserves.items()):
+            core.set_reserve(tenant, reserve // cfg.page_size)
+            if tenant not in cfg.tenant_uids:
+                log.warning("tenant %r has a reserve but no --tenant-uids: any user allowed on the socket may "
+                            "open sessions under its name and use or hold back its reserve; give it "
+                            "--tenant-uids %s=UID", tenant, tenant)
 
         _claim_socket_path(cfg.socket)  # refuses a live daemon's socket before anything binds
         dispatcher = Dispatcher(service, RpcMetrics(self.registry))

@@ -91,12 +91,24 @@ class PoolCollector(Collector):
         tenant_quota = GaugeMetricFamily(
             "vattnd_tenant_quota_pages", "Each tenant's quota, where it has one.", labels=["tenant"]
         )
+        tenant_reserve = GaugeMetricFamily(
+            "vattnd_tenant_reserve_pages", "Pages kept for each tenant, where it has a reserve.", labels=["tenant"]
+        )
+        tenant_waiting = GaugeMetricFamily(
+            "vattnd_tenant_waiting_for_reserve",
+            "1 while a tenant below its reserve waits for pages others borrowed.", labels=["tenant"]
+        )
         for t in snap.tenants:
             tenant_pages.add_metric([t.name], t.pages)
             if t.quota is not None:
                 tenant_quota.add_metric([t.name], t.quota)
+            if t.reserve:
+                tenant_reserve.add_metric([t.name], t.reserve)
+                tenant_waiting.add_metric([t.name], int(t.waiting))
         yield tenant_pages
         yield tenant_quota
+        yield tenant_reserve
+        yield tenant_waiting
         counters = self._counters()
         yield CounterMetricFamily(
             "vattnd_sessions_opened", "Sessions opened since start.", value=counters["sessions_opened"]

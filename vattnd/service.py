@@ -216,7 +216,8 @@ def region_layout(region: Region, geometry: pb.Geometry) -> pb.RegionLayout:
 
 def tenant_info(t) -> pb.TenantInfo:
     return pb.TenantInfo(name=t.name, pages=t.pages, has_quota=t.quota is not None, quota_pages=t.quota or 0,
-                         priority=t.priority, sessions=t.sessions)
+                         priority=t.priority, sessions=t.sessions, reserve_pages=t.reserve,
+                         waiting_for_reserve=t.waiting)
 
 
 class PoolService:

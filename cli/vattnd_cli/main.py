@@ -138,6 +138,10 @@ class JsonFormatter(logging.Formatter):
 @click.option("--quota", "quotas", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=SIZE", _size_value),
               help="A tenant's quota, e.g. teamA=20GiB (repeatable; VATTND_QUOTA, space-separated).",
               envvar="VATTND_QUOTA")
+@click.option("--reserve", "reserves", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=SIZE", _size_value),
+              help="Memory kept for a tenant, e.g. teamA=20GiB (repeatable; VATTND_RESERVE): lent to others "
+                   "while it does not use it; while it waits for it, others open no new slots with it.",
+              envvar="VATTND_RESERVE")
 @click.option("--priority", "priorities", multiple=True, callback=lambda c, p, v: _pairs(v, "TENANT=N", int),
               help="A tenant's priority; lower ones give idle pages back first (repeatable).",
               envvar="VATTND_PRIORITY")
@@ -159,7 +163,7 @@ class JsonFormatter(logging.Formatter):
 @click.option("--max-connections-per-uid", envvar="VATTND_MAX_CONNECTIONS_PER_UID", type=click.IntRange(1, 1 << 20),
               default=512, show_default=True, help="Open fd-channel connections (sessions) one Unix user may hold.")
 def start(socket_path, backend, pool_size, page_size, devices, metrics_port, metrics_host, log_level, log_format,
-          quotas, priorities, tenant_uids, socket_group, admin_group, reuse_pages, client_timeout,
+          quotas, reserves, priorities, tenant_uids, socket_group, admin_group, reuse_pages, client_timeout,
           max_connections_per_uid) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     handler = logging.StreamHandler(sys.stderr)
@@ -171,7 +175,7 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
     config = Config(
         socket=socket_path, backend=backend, pool_size=pool_size, page_size=page_size,
         metrics_port=None if metrics_port == -1 else metrics_port, metrics_host=metrics_host, devices=devices,
-        quotas=quotas, priorities=priorities, tenant_uids=tenant_uids, socket_group=socket_group,
+        quotas=quotas, reserves=reserves, priorities=priorities, tenant_uids=tenant_uids, socket_group=socket_group,
         admin_group=admin_group, reuse_pages=reuse_pages, client_timeout=client_timeout,
         max_connections_per_uid=max_connections_per_uid,
     )
@@ -223,6 +227,7 @@ def stats_dict(reply) -> dict:
 
 def tenant_dict(t) -> dict:
     return {"name": t.name, "pages": t.pages, "quota_pages": t.quota_pages if t.has_quota else None,
+            "reserve_pages": t.reserve_pages, "waiting_for_reserve": t.waiting_for_reserve,
             "priority": t.priority, "sessions": t.sessions}
 
 
@@ -287,11 +292,14 @@ def stats(socket_path, as_json) -> None:
     console.print(pools)
     page_size = reply.pools[0].page_size if reply.pools else 0
     tenants = Table(title="Tenants", title_justify="left")
-    for col in ("tenant", "sessions", "pages", "memory", "quota", "priority"):
+    for col in ("tenant", "sessions", "pages", "memory", "quota", "reserve", "priority"):
         tenants.add_column(col, justify="left" if col == "tenant" else "right")
     for t in reply.tenants:
         quota = f"{t.quota_pages} ({_size(t.quota_pages * page_size)})" if t.has_quota else "none"
-        tenants.add_row(t.name, str(t.sessions), str(t.pages), _size(t.pages * page_size), quota, str(t.priority))
+        reserve = (f"{t.reserve_pages} ({_size(t.reserve_pages * page_size)})"
+                   + (", waiting" if t.waiting_for_reserve else "")) if t.reserve_pages else "none"
+        tenants.add_row(t.name, str(t.sessions), str(t.pages), _size(t.pages * page_size), quota, reserve,
+                        str(t.priority))
     console.print(tenants)
     sessions = Table(title="Sessions", title_justify="left")
     for col in ("id", "pid", "uid", "tenant", "name", "regions", "pages", "memory", "age"):

@@ -13,6 +13,7 @@ import pytest
 
 import vattn
 from tests.conftest import start_daemon
+from tests.integration.test_ops import scrape
 from vattn.session import set_quota, stats
 from vattn.contract import wire
 from vattn.v1 import channel_pb2
@@ -56,7 +57,8 @@ def test_quota_bounds_a_tenant_and_only_that_tenant(tenant_daemon):
         # The operator raises the quota, from the CLI; the same grow goes through.
         out = run_cli("quota", "set", "small", "2MiB", "--socket", d.socket, "--json")
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout) == {"name": "small", "pages": 16, "quota_pages": 32, "priority": -1,
+        assert json.loads(out.stdout) == {"name": "small", "pages": 16, "quota_pages": 32, "reserve_pages": 0,
+                                          "waiting_for_reserve": False, "priority": -1,
                                           "sessions": 2}
         ca2.grow(0, 10)
         out = run_cli("quota", "set", "small", "--priority", "5", "--socket", d.socket)
@@ -211,5 +213,40 @@ def test_pages_leaving_a_session_are_zeroed_and_stale_holders_see_nothing_new(sh
             for m in stale:
                 m.close()
         assert d.wait_used_pages(0) == 0
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_a_reserve_is_lent_while_unused_and_borrowers_open_no_new_slots_while_its_tenant_waits(short_tmp):
+    """Two tenants with half of a 2 MiB pool reserved each; a real daemon, real workers' sessions."""
+    d = start_daemon(short_tmp, "--reserve", "a=1MiB", "--reserve", "b=1MiB", pool_size="2MiB")
+    try:
+        with vattn.connect(d.socket, tenant="a") as a, vattn.connect(d.socket, tenant="b") as b:
+            ca = a.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=32, max_context=4096)
+            cb = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=4, max_context=4096)
+            held = []
+            with pytest.raises(vattn.ResourceExhausted, match="free or shrink slots"):
+                while True:  # b uses none of its reserve: a borrows the whole pool
+                    slot = ca.alloc()
+                    held.append(slot)
+                    ca.grow(slot, 256)
+            tenants = {t.name: t.pages for t in stats(d.socket).tenants}
+            assert tenants["a"] > 16 and tenants["b"] == 0
+            with pytest.raises(vattn.ResourceExhausted, match="are free"):
+                cb.grow(cb.alloc(), 256 * 4)  # b wants its reserve back
+            b_info = {t.name: t for t in stats(d.socket).tenants}["b"]
+            assert (b_info.reserve_pages, b_info.waiting_for_reserve) == (16, True)
+            assert scrape(d.metrics_url)[("vattnd_tenant_waiting_for_reserve", (("tenant", "b"),))] == 1
+            ca.free(held.pop())  # the slot that got no pages
+            ca.free(held.pop())  # a request finishes: 2 pages back
+            with pytest.raises(vattn.ResourceExhausted, match=r"tenant 'a' holds \d+ pages, more than its reserve "
+                                                              r"of 16, .* 'b' \(16 pages short\)"):
+                ca.grow(ca.alloc(), 256)  # a new slot: refused while b waits
+            ca.grow(held[0], 512)  # a slot already serving still grows
+            for slot in held[1:]:  # a's requests finish
+                ca.free(slot)
+            cb.grow(0, 256 * 4)
+            b_info = {t.name: t for t in stats(d.socket).tenants}["b"]
+            assert b_info.pages >= 8 and b_info.waiting_for_reserve is False  # the pool covers what b misses
     finally:
         assert d.stop() == 0, d.log()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -596,4 +596,174 @@ def test_spares_follow_demand_within_a_quarter_of_the_free_pages():
     assert region.spare_floor <= len(region.spare) and region.demand == 0
     with pytest.raises(InvalidArgument, match="not spares"):
         core.release_spares(sid, region.id, back)
+    core.check_invariants()
+
+
+def test_reserves_are_lent_while_unused_and_come_back_as_borrowers_finish():
+    """Tenant b's reserve is lent to a while b does not use it; once b is refused, a opens no new slot with
+    the pages b misses (its running slots still grow) until b has its reserve or the pool can spare them."""
+    core = PoolCore(PAGE, {0: 100})
+    a = core.open_session(1, 0, 0, "a", 0.0, tenant="a").id
+    b = core.open_session(2, 0, 0, "b", 0.0, tenant="b").id
+    core.set_reserve("a", 50)
+    core.set_reserve("b", 50)
+    ra, rb = register(core, a, geo(batch=32), 0), register(core, b, geo(batch=32), 0)  # 4 tensors, 16 tokens a page
+    for slot in range(20):  # a borrows 30 of b's 50: nobody waits
+        assert core.grow(a, ra.id, slot, 16).page_ids
+    assert core.free_pages(0) == 20 and core.wanting(0) == []
+    short(core.grow(b, rb.id, 0, 6 * 16))  # 24 pages, 20 free: b waits for its reserve
+    assert core.wanting(0) == ["b"]
+    before = state(core)
+    lent = core.grow(a, ra.id, 20, 16)  # a new slot for a, above its reserve
+    assert lent.lent_to == (("b", 50),) and lent.shortfall == 0 and lent.reclaim == ()
+    assert re.search(r"tenant 'a' holds 80 pages, more than its reserve of 50, and tenants waiting for their "
+                     r"reserves need the 20 free pages: 'b' \(50 pages short\)\. Slots already serving may still "
+                     r"grow", str(short(lent)))
+    assert state(core) == before  # refused: nothing changed
+    assert core.grow(a, ra.id, 0, 32).page_ids  # a running slot grows
+    for slot in range(1, 6):
+        core.shrink(a, ra.id, slot, 0)  # a's requests finish: 20 back
+    assert core.free_pages(0) == 36
+    assert core.grow(b, rb.id, 0, 6 * 16).page_ids  # b gets 24; misses 26 with 12 free: still waiting
+    assert core.wanting(0) == ["b"]
+    short(core.grow(a, ra.id, 20, 16))
+    for slot in range(6, 12):
+        core.shrink(a, ra.id, slot, 0)
+    assert core.free_pages(0) == 36  # enough for what b misses and a new slot of a
+    assert core.grow(a, ra.id, 20, 16).page_ids
+    assert core.grow(b, rb.id, 1, 7 * 16).page_ids  # b holds 52 >= 50: served
+    assert core.wanting(0) == []
+    core.check_invariants()
+
+
+def test_a_tenant_within_its_reserve_opens_slots_while_others_wait_and_reserves_go_with_their_tenants():
+    core = PoolCore(PAGE, {0: 40})
+    a = core.open_session(1, 0, 0, "a", 0.0, tenant="a").id
+    b = core.open_session(2, 0, 0, "b", 0.0, tenant="b").id
+    c = core.open_session(3, 0, 0, "c", 0.0, tenant="c").id  # no reserve: always a borrower
+    core.set_reserve("a", 20)
+    core.set_reserve("b", 20)
+    ra, rb, rc = (register(core, s, geo(batch=32), 0) for s in (a, b, c))
+    for slot in range(6):
+        core.grow(c, rc.id, slot, 16)  # c borrows 24
+    short(core.grow(b, rb.id, 0, 5 * 16))  # b wants 20, 16 free
+    assert core.grow(a, ra.id, 0, 16).page_ids  # a stays within its reserve: may open slots
+    assert core.grow(c, rc.id, 6, 16).lent_to == (("b", 20),)
+    core.close_session(b)  # nobody left to serve
+    assert core.wanting(0) == []
+    assert core.grow(c, rc.id, 6, 16).page_ids
+    core.set_reserve("b", 0)
+    assert core.reserve("b") == 0 and "b" not in {t.name for t in core.tenants()}  # forgotten
+    with pytest.raises(InvalidArgument):
+        core.set_reserve("a", -1)
+    core.check_invariants()
+
+
+def test_a_tenant_that_asked_for_little_stops_waiting_once_the_pool_could_grant_it_again():
+    core = PoolCore(PAGE, {0: 40})
+    b = core.open_session(2, 0, 0, "b", 0.0, tenant="b").id
+    c = core.open_session(3, 0, 0, "c", 0.0, tenant="c").id
+    core.set_reserve("b", 20)
+    rb, rc = register(core, b, geo(batch=32), 0), register(core, c, geo(batch=32), 0)
+    for slot in range(10):
+        core.grow(c, rc.id, slot, 16)  # c borrows the whole pool
+    short(core.grow(b, rb.id, 0, 16))  # b asks for 4 pages
+    assert [t.waiting for t in core.tenants() if t.name == "b"] == [True]
+    core.shrink(c, rc.id, 0, 0)
+    core.shrink(c, rc.id, 1, 0)
+    assert core.grow(c, rc.id, 10, 16).lent_to == (("b", 20),)
+    assert core.grow(b, rb.id, 0, 16).page_ids  # 4 free after: b could get what it asked for again
+    assert core.wanting(0) == [] and core.grow(c, rc.id, 10, 16).page_ids  # though b holds 4 of its 20
+    core.check_invariants()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["grow", "free", "revert"]), st.integers(0, 7),
+                          st.integers(1, 3)), max_size=40))
+def test_reserves_hold_under_random_grows_frees_and_reverts(ops):
+    """Random grows (some reverted, as when the service cannot deliver) and frees by a, b (10 pages reserved
+    each) and c (none) on a 32-page pool: a refused or reverted call changes no page, slot or holding; no
+    grant that opens a new slot for a tenant above its reserve leaves fewer free pages than the waiting
+    tenants miss of their reserves; the pool's invariants hold; once the others free everything, a tenant
+    gets its reserve."""
+    core = PoolCore(PAGE, {0: 32})
+    sid = {t: core.open_session(i, 0, 0, t, 0.0, tenant=t).id for i, t in enumerate("abc")}
+    core.set_reserve("a", 10)
+    core.set_reserve("b", 10)
+    rid = {t: register(core, sid[t], geo(layers=1, batch=8), 0, spare_target=2).id for t in "abc"}  # 2 tensors
+
+    def pages():
+        snap = core.snapshot()
+        return core.audit_view(), snap.devices, snap.sessions, [(t.name, t.pages) for t in snap.tenants]
+
+    def held(tenant):
+        return next(t.pages for t in core.tenants() if t.name == tenant)
+
+    for tenant, op, slot, n in ops:
+        if op == "free":
+            core.shrink(sid[tenant], rid[tenant], slot, 0)
+            continue
+        before, waiting = pages(), core.wanting(0)
+        new_slot = core.region(sid[tenant], rid[tenant]).pages_of(slot) == 0
+        result = core.grow(sid[tenant], rid[tenant], slot, n * 16)
+        if isinstance(result, Shortage):
+            assert pages() == before
+            if result.lent_to:
+                assert new_slot and all(t != tenant and held(t) < core.reserve(t) for t, _ in result.lent_to)
+        elif op == "revert":
+            core.revert(sid[tenant], rid[tenant], result)
+            assert pages() == before and core.wanting(0) == waiting
+        elif new_slot and held(tenant) > core.reserve(tenant):
+            missing = sum(max(0, core.reserve(t) - held(t)) for t in core.wanting(0) if t != tenant)
+            assert core.free_pages(0) >= missing, (tenant, core.wanting(0), core.tenants())
+        core.check_invariants()
+    for slot in range(8):  # the others' requests finish
+        core.shrink(sid["a"], rid["a"], slot, 0)
+        core.shrink(sid["c"], rid["c"], slot, 0)
+    for slot in range(5):  # 5 slots x 2 pages: b's whole reserve
+        if isinstance(core.grow(sid["b"], rid["b"], slot, 16), Shortage):
+            raise AssertionError(f"b cannot get its reserve back with the pool free: {core.tenants()}")
+    assert held("b") >= core.reserve("b")
+
+
+def test_a_tenant_past_its_reserve_elsewhere_or_through_spares_shields_nothing():
+    """Pages held on another device, or as spares, count towards the reserve: such a tenant stops waiting
+    instead of hiding another tenant's shortfall behind a negative one."""
+    core = PoolCore(PAGE, {0: 20, 1: 40})
+    a, b, c = (core.open_session(i, 0, 0, t, 0.0, tenant=t).id for i, t in enumerate("abc"))
+    core.set_reserve("a", 16)
+    core.set_reserve("b", 16)
+    ra, rb0, rc = register(core, a, geo(batch=16), 0), register(core, b, geo(batch=16), 0), \
+        register(core, c, geo(batch=16), 0)
+    rb1 = register(core, b, geo(batch=16), 1)
+    for slot in range(5):
+        core.grow(c, rc.id, slot, 16)  # c borrows all 20 pages of device 0
+    short(core.grow(a, ra.id, 0, 16))
+    short(core.grow(b, rb0.id, 0, 16))
+    assert core.wanting(0) == ["a", "b"]
+    core.grow(b, rb1.id, 0, 6 * 16)  # b gets 24 pages on device 1: past its reserve
+    core.shrink(c, rc.id, 0, 0)  # 4 free on device 0; a still misses 16
+    lent = core.grow(c, rc.id, 5, 16)
+    assert lent.lent_to == (("a", 16),) and core.wanting(0) == ["a"]
+    core.check_invariants()
+
+
+def test_spares_do_not_carry_lent_pages_past_a_waiting_tenant_and_a_revert_keeps_it_waiting():
+    core = PoolCore(PAGE, {0: 40})
+    b = core.open_session(1, 0, 0, "b", 0.0, tenant="b").id
+    c = core.open_session(2, 0, 0, "c", 0.0, tenant="c").id
+    core.set_reserve("b", 20)
+    rb, rc = register(core, b, geo(batch=32), 0), register(core, c, geo(batch=32), 0)
+    for slot in range(10):
+        core.grow(c, rc.id, slot, 16)
+    short(core.grow(b, rb.id, 0, 2 * 16))  # b waits, missing 20
+    for slot in range(6):
+        core.shrink(c, rc.id, slot, 0)  # 24 free
+    assert len(core.register_region(c, geo(), 0, spare_target=16)[1].spare_added) == 4  # 24 - 20 shielded
+    rc2 = core.register_region(c, geo(batch=4), 0, spare_target=4)[0]
+    assert core.grow(c, rc2.id, 0, 16).lent_to  # a new slot from spares is a new slot too
+    grant = core.grow(b, rb.id, 0, 2 * 16)  # b is served with 16 free after: it asked for 8
+    assert core.wanting(0) == [] and grant.waited == ("b", 8)
+    core.revert(b, rb.id, grant)  # the pages could not be delivered: b still waits
+    assert core.wanting(0) == ["b"]
     core.check_invariants()

@@ -156,6 +156,8 @@ class Grant:
     # region's demand before the grant: for revert.
     sources: tuple[Key | None, ...] = ()
     demand: int = 0
+    # The tenant this grant served, which stopped waiting for its reserve, and its demand: for revert.
+    waited: tuple[str, int] | None = None
 
     @property
     def fd_pages(self) -> tuple[PageId, ...]:
@@ -186,6 +188,11 @@ class Shortage:
     held: int = 0  # pages the tenant holds (with quota)
     reclaim: tuple[tuple[SessionId, int], ...] = ()
     cleaning: int = 0  # pages out for cleaning, back in moments
+    # Set when the pages are there but lent: the tenant is above its reserve, wants a new slot, and these
+    # tenants wait for their reserves ((tenant, pages it still misses) each); ``unlent`` pages are free
+    # beyond what they miss.
+    lent_to: tuple[tuple[str, int], ...] = ()
+    reserve: int = 0
 
     @property
     def over_quota(self) -> bool:
@@ -194,9 +201,17 @@ class Shortage:
     @property
     def shortfall(self) -> int:
         """Pages missing from the pool (0 when the quota is the limit)."""
-        return 0 if self.over_quota else self.wanted - self.free - self.spare
+        return 0 if self.over_quota or self.lent_to else self.wanted - self.free - self.spare
 
     def error(self) -> ResourceExhausted:
+        if self.lent_to:
+            waiting = ", ".join(f"{t!r} ({n} pages short)" for t, n in self.lent_to)
+            return ResourceExhausted(
+                f"device {self.device}: tenant {self.tenant!r} holds {self.held} pages, more than its reserve "
+                f"of {self.reserve}, and tenants waiting for their reserves need the {self.free} free pages: "
+                f"{waiting}. Slots already serving may still grow; a new slot waits until those tenants have "
+                "their reserves or the pool has pages to spare (vattnd start --reserve)"
+            )
         if self.quota is not None:
             more = self.wanted - min(self.wanted, self.spare)
             return ResourceExhausted(
@@ -248,6 +263,8 @@ class TenantUsage:
     quota: int | None  # pages; None: no quota
     priority: int
     sessions: int
+    reserve: int = 0  # pages
+    waiting: bool = False  # below its reserve and refused for want of pages on some device since
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +308,11 @@ class PoolCore:
         self._tenant_sessions: dict[str, int] = {}
         self._quota: dict[str, int] = {}
         self._priority: dict[str, int] = {}
+        # Reserves (pages) and, per device, the tenants below theirs that the pool could not serve since,
+        # each with the largest call refused: while one waits, tenants above their reserves open no new
+        # slots with the pages it misses.
+        self._reserve: dict[str, int] = {}
+        self._wanting: dict[int, dict[str, int]] = {}
         self._next_session = 1
         self._next_region = 1
         for device, count in sorted((pages_per_device or {}).items()):
@@ -406,7 +428,9 @@ class PoolCore:
         self._tenant_sessions[tenant] -= 1
         if not self._tenant_sessions[tenant]:
             del self._tenant_sessions[tenant]
-            if tenant not in self._quota and tenant not in self._priority:
+            for wanting in self._wanting.values():
+                wanting.pop(tenant, None)  # nobody left to serve
+            if not self._configured(tenant):
                 del self._tenant_pages[tenant]  # forgotten: nothing held, nothing configured
         return released
 
@@ -430,13 +454,55 @@ class PoolCore:
             self._quota[tenant] = pages
         if priority is not None:
             self._priority[tenant] = priority
-        if tenant in self._quota or tenant in self._priority or tenant in self._tenant_sessions:
+        self._remember(tenant)
+
+    def set_reserve(self, tenant: str, pages: int) -> None:
+        """Reserves ``pages`` for ``tenant`` (0: none): the pool lends them to others while the tenant does
+        not use them, and takes them back as it needs them.
+
+        While the tenant holds fewer than its reserve and the pool could not
+        serve it, tenants above their own reserves (every tenant without one)
+        may grow the slots they already serve but open no new slot with the
+        free pages the waiting tenants miss: what was lent comes back as the
+        borrowers' requests finish; nothing is taken from a running slot.
+        A tenant stops waiting when it holds its reserve (on any device, or
+        through spares), when a grant of its leaves the pool able to grant its
+        largest refused call again, when it gives pages back, or when its
+        last session ends; a tenant that waits and asks for nothing more keeps
+        what it misses free until then (that is what a reserve is for).
+        Spares count like slots: a borrower takes none of the shielded pages
+        as spares, and opening a new slot from its spares is refused too.
+        A quota below the reserve caps it. Counts the tenant's pages on all
+        devices, like quotas; which pages to leave is decided per device.
+        """
+        if pages < 0:
+            raise InvalidArgument(f"reserve for {tenant!r} must not be negative")
+        if pages:
+            self._reserve[tenant] = pages
+        else:
+            self._reserve.pop(tenant, None)
+            for wanting in self._wanting.values():
+                wanting.pop(tenant, None)
+        self._remember(tenant)
+
+    def _configured(self, tenant: str) -> bool:
+        return tenant in self._quota or tenant in self._priority or tenant in self._reserve
+
+    def _remember(self, tenant: str) -> None:
+        if self._configured(tenant) or tenant in self._tenant_sessions:
             self._tenant_pages.setdefault(tenant, 0)
         else:
             self._tenant_pages.pop(tenant, None)
 
     def quota(self, tenant: str) -> int | None:
         return self._quota.get(tenant)
+
+    def reserve(self, tenant: str) -> int:
+        return self._reserve.get(tenant, 0)
+
+    def wanting(self, device: int) -> list[str]:
+        """Tenants below their reserves that ``device``'s pool could not serve since (oldest first)."""
+        return list(self._wanting.get(device, ()))
 
     def tenant_of(self, sid: int) -> str:
         return self.session(sid).tenant
@@ -445,8 +511,10 @@ class PoolCore:
         return self._priority.get(tenant, 0)
 
     def tenants(self) -> list[TenantUsage]:
+        waiting = {t for w in self._wanting.values() for t in w}
         return [TenantUsage(t, self._tenant_pages.get(t, 0), self._quota.get(t), self._priority.get(t, 0),
-                            self._tenant_sessions.get(t, 0)) for t in sorted(self._tenant_pages)]
+                            self._tenant_sessions.get(t, 0), self._reserve.get(t, 0), t in waiting)
+                for t in sorted(self._tenant_pages)]
 
     # ----- regions ---------------------------------------------------------
     def register_region(self, sid: int, geometry: Geometry, device: int,
@@ -487,6 +555,9 @@ class PoolCore:
         quota = self._quota.get(session.tenant)
         if quota is not None:
             n = min(n, quota - self._tenant_pages[session.tenant])
+        wanting = self._wanting.get(region.device)
+        if wanting and n > 0 and self._tenant_pages[session.tenant] + n > self._reserve.get(session.tenant, 0):
+            n = min(n, len(free) - self._shielded(wanting, session.tenant))  # spares of lent pages: not those
         if n <= 0:
             return (), ()
         added, sources = free.take(n, session.key)
@@ -535,7 +606,8 @@ class PoolCore:
         return self.step(sid, region_id, ((slot, tokens),))
 
     def step(self, sid: int, region_id: int, entries: Sequence[tuple[int, int]]) -> Grant | Shortage:
-        """Grows many slots at once, all or nothing: a Grant, or a Shortage that changed nothing."""
+        """Grows many slots at once, all or nothing: a Grant, or a Shortage that changed no page, slot or
+        holding (it may mark the tenant as waiting for its reserve: see :meth:`set_reserve`)."""
         region = self.region(sid, region_id)
         plan, wanted = region.layout.plan(entries, region.pages_of)
         idle = region.idle
@@ -545,21 +617,36 @@ class PoolCore:
             idle.difference_update(reactivated)
             return EMPTY_GRANT
         session = self._sessions[region.session]
+        tenant = session.tenant
         free, spare = self._free[region.device], region.spare
         available = len(free)
+        held = self._tenant_pages[tenant]
         if wanted > available + len(spare):
+            missing = self._missing(tenant)
+            if missing:  # below its reserve: to be served before borrowers open new slots
+                wanting = self._wanting.setdefault(region.device, {})
+                wanting[tenant] = max(wanting.get(tenant, 0), min(wanted, missing))
             return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
-                            len(spare), session.tenant,
+                            len(spare), tenant,
                             reclaim=self._reclaim_targets(region.device, session.id,
                                                           wanted - available - len(spare)),
                             cleaning=free.cleaning)
         from_spare = min(wanted, len(spare))
         fresh_n = wanted - from_spare
-        quota = self._quota.get(session.tenant)
-        held = self._tenant_pages[session.tenant]
+        quota = self._quota.get(tenant)
         if quota is not None and held + fresh_n > quota:
             return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
-                            len(spare), session.tenant, quota=quota, held=held)
+                            len(spare), tenant, quota=quota, held=held)
+        wanting = self._wanting.get(region.device)
+        if wanting and held + fresh_n > self._reserve.get(tenant, 0) and not all(g.first_page for g in plan):
+            # A borrower opens a new slot (with free pages or its spares, lent pages too): only with
+            # what the tenants waiting for their reserves do not miss.
+            shielded = self._shielded(wanting, tenant)
+            if shielded > available - fresh_n:
+                return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
+                                len(spare), tenant, held=held,
+                                lent_to=tuple((t, self._missing(t)) for t in wanting if t != tenant),
+                                reserve=self._reserve.get(tenant, 0))
         # Commit: nothing below can fail. Spares first (oldest first: the
         # worker has most likely imported them already), then free pages.
         granted = spares_used(spare, from_spare)
@@ -583,10 +670,37 @@ class PoolCore:
         demand = region.demand
         region.demand = max(wanted, demand * 3 // 4)
         spare_added, spare_sources = self._top_up(region, session)
+        waited = None
+        if wanting and tenant in wanting and (not self._missing(tenant) or len(free) >= wanting[tenant]):
+            # Served: it holds its reserve, or the pool could grant its largest refused call again (a
+            # tenant that asked for little does not hold borrowers back until its whole reserve is free).
+            waited = (tenant, wanting.pop(tenant))
         fresh_t = tuple(fresh)
         fd_sources = tuple(sources) + spare_sources
         replace = self._claim(fresh_t + spare_added, fd_sources, session.key)
-        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, fd_sources, demand)
+        return Grant(tuple(plan), tuple(granted), fresh_t, spare_added, reactivated, replace, fd_sources, demand,
+                     waited)
+
+    def _missing(self, tenant: str) -> int:
+        """Pages the tenant still misses of its reserve (no more than its quota allows it)."""
+        target = self._reserve.get(tenant, 0)
+        quota = self._quota.get(tenant)
+        if quota is not None and quota < target:
+            target = quota
+        return max(0, target - self._tenant_pages.get(tenant, 0))
+
+    def _shielded(self, wanting: dict[str, int], tenant: str) -> int:
+        """Free pages a borrower must leave: what the other waiting tenants still miss of their reserves
+        (a tenant that reached its reserve, on any device or through spares, stops waiting here)."""
+        total = 0
+        for t in list(wanting):
+            if t != tenant:
+                missing = self._missing(t)
+                if missing:
+                    total += missing
+                else:
+                    del wanting[t]
+        return total
 
     def _claim(self, pages: Sequence[PageId], sources: Sequence[Key | None], key: Key) -> tuple[PageId, ...]:
         """Records ``key`` as the holder of ``pages``; returns those another holder had: they must be
@@ -649,6 +763,9 @@ class PoolCore:
         region.idle.update(grant.reactivated)
         if grant.grants:  # a step's (a registration's top-up changed no demand)
             region.demand = grant.demand
+        if grant.waited is not None:
+            tenant, demand = grant.waited
+            self._wanting.setdefault(region.device, {})[tenant] = demand
         self._charge(self._sessions[region.session], -(len(grant.fresh) + len(grant.spare_added)))
 
     def shrink(self, sid: int, region_id: int, slot: int, tokens: int) -> tuple[int, list[PageId]]:
@@ -692,6 +809,9 @@ class PoolCore:
         session = self._sessions[region.session]
         self._free[region.device].release(reversed(released), session.key)
         self._charge(session, -len(released))
+        wanting = self._wanting.get(region.device)
+        if wanting and released:
+            wanting.pop(session.tenant, None)  # it gives pages back: it waits for nothing now
         return keep, released, kept
 
     def park(self, sid: int, region_id: int, slot: int) -> int:
@@ -784,6 +904,11 @@ class PoolCore:
 
     def check_invariants(self) -> None:
         check(self.audit_view())
+        for device, wanting in self._wanting.items():
+            for tenant, demand in wanting.items():
+                assert self._reserve.get(tenant, 0) > 0, f"{tenant!r} waits on device {device} with no reserve"
+                assert self._tenant_sessions.get(tenant), f"{tenant!r} waits on device {device} with no session"
+                assert demand > 0, f"{tenant!r} waits for {demand} pages"
 
 
 @dataclass(slots=True)

@@ -291,20 +291,24 @@ class SetQuotaRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., unlimited: _Optional[bool] = ..., priority: _Optional[int] = ..., set_priority: _Optional[bool] = ..., keep_quota: _Optional[bool] = ...) -> None: ...
 
 class TenantInfo(_message.Message):
-    __slots__ = ("name", "pages", "has_quota", "quota_pages", "priority", "sessions")
+    __slots__ = ("name", "pages", "has_quota", "quota_pages", "priority", "sessions", "reserve_pages", "waiting_for_reserve")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     HAS_QUOTA_FIELD_NUMBER: _ClassVar[int]
     QUOTA_PAGES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_RESERVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     pages: int
     has_quota: bool
     quota_pages: int
     priority: int
     sessions: int
-    def __init__(self, name: _Optional[str] = ..., pages: _Optional[int] = ..., has_quota: _Optional[bool] = ..., quota_pages: _Optional[int] = ..., priority: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+    reserve_pages: int
+    waiting_for_reserve: bool
+    def __init__(self, name: _Optional[str] = ..., pages: _Optional[int] = ..., has_quota: _Optional[bool] = ..., quota_pages: _Optional[int] = ..., priority: _Optional[int] = ..., sessions: _Optional[int] = ..., reserve_pages: _Optional[int] = ..., waiting_for_reserve: _Optional[bool] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "pid", "uid", "gid", "name", "pages", "regions", "age_seconds", "tenant")
