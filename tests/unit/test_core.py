@@ -659,14 +659,20 @@ def test_a_tenant_within_its_reserve_opens_slots_while_others_wait_and_reserves_
     core.check_invariants()
 
 
-def test_a_tenant_that_asked_for_little_stops_waiting_once_the_pool_could_grant_it_again():
+def borrowed_pool():
+    """A 40-page pool: tenant b has 20 reserved and holds nothing; c (no reserve) borrows all 40 pages."""
     core = PoolCore(PAGE, {0: 40})
-    b = core.open_session(2, 0, 0, "b", 0.0, tenant="b").id
-    c = core.open_session(3, 0, 0, "c", 0.0, tenant="c").id
+    b = core.open_session(1, 0, 0, "b", 0.0, tenant="b").id
+    c = core.open_session(2, 0, 0, "c", 0.0, tenant="c").id
     core.set_reserve("b", 20)
     rb, rc = register(core, b, geo(batch=32), 0), register(core, c, geo(batch=32), 0)
     for slot in range(10):
-        core.grow(c, rc.id, slot, 16)  # c borrows the whole pool
+        core.grow(c, rc.id, slot, 16)
+    return core, b, c, rb, rc
+
+
+def test_a_tenant_that_asked_for_little_stops_waiting_once_the_pool_could_grant_it_again():
+    core, b, c, rb, rc = borrowed_pool()
     short(core.grow(b, rb.id, 0, 16))  # b asks for 4 pages
     assert [t.waiting for t in core.tenants() if t.name == "b"] == [True]
     core.shrink(c, rc.id, 0, 0)
@@ -749,13 +755,7 @@ def test_a_tenant_past_its_reserve_elsewhere_or_through_spares_shields_nothing()
 
 
 def test_spares_do_not_carry_lent_pages_past_a_waiting_tenant_and_a_revert_keeps_it_waiting():
-    core = PoolCore(PAGE, {0: 40})
-    b = core.open_session(1, 0, 0, "b", 0.0, tenant="b").id
-    c = core.open_session(2, 0, 0, "c", 0.0, tenant="c").id
-    core.set_reserve("b", 20)
-    rb, rc = register(core, b, geo(batch=32), 0), register(core, c, geo(batch=32), 0)
-    for slot in range(10):
-        core.grow(c, rc.id, slot, 16)
+    core, b, c, rb, rc = borrowed_pool()
     short(core.grow(b, rb.id, 0, 2 * 16))  # b waits, missing 20
     for slot in range(6):
         core.shrink(c, rc.id, slot, 0)  # 24 free
