@@ -179,3 +179,27 @@ def test_a_pool_too_small_makes_the_engine_preempt_and_finish_every_request(mode
     finally:
         assert d.wait_used_pages(0) == 0
         d.stop()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+def test_other_model_families_on_the_gpu(cb_daemon, family, attention):
+    """Mistral-style (sliding window, chunked prefill) and Qwen2-style (q/k/v biases) random-weight models on
+    the GPU: in float32 with SDPA, the tokens of generate with transformers' own cache; in bf16 with the
+    default kernels (FlashInfer where it loads), every request served at full length."""
+    from tests.integration.test_transformers_cb import _other_family, prompts as family_prompts, serve as serve_family
+
+    dtype = torch.float32 if attention == "sdpa" else torch.bfloat16
+    model = _other_family(family).to("cuda", dtype)
+    requests = [(5, 20), (33, 16), (50, 10), (70, 12)]
+    with torch.no_grad():
+        reference = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=0)[0, len(p):].tolist()
+                     for p, (_, n) in zip(family_prompts(requests), requests)]
+    with vattn.connect(cb_daemon.socket) as pool, \
+            on_vattnd(model, pool, max_batch=4, max_context=256, attention=attention):
+        got = serve_family(model, requests)
+    if attention == "sdpa":
+        assert got == reference
+    else:
+        assert [len(g) for g in got] == [n for _, n in requests]
