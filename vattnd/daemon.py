@@ -29,7 +29,7 @@ from vattnd.calls import Dispatcher
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
 from vattnd.pages import page_table
-from vattnd.pool import PoolCore
+from vattnd.pool import PoolCore, reserve_problem
 from vattnd.rpc.servicer import POOL_SERVICE, create_admin_server, create_server
 from vattnd.sdnotify import notify
 from vattnd.service import PoolService, ServerFacts
@@ -211,15 +211,16 @@ class Daemon:
             self._pages_wanted[dev.index] = pages
         for tenant, quota in sorted(cfg.quotas.items()):
             _whole_pages(f"--quota {tenant}=", quota, cfg.page_size)
+        others = 0
         for tenant, reserve in sorted(cfg.reserves.items()):
             _whole_pages(f"--reserve {tenant}=", reserve, cfg.page_size)
-            if tenant in cfg.quotas and reserve > cfg.quotas[tenant]:
-                raise StartupError(f"--reserve {tenant}={format_size(reserve)} is more than its --quota "
-                                   f"({format_size(cfg.quotas[tenant])}): lower the reserve or raise the quota")
-        smallest = min(self._pages_wanted.values(), default=0) * cfg.page_size
-        if sum(cfg.reserves.values()) > smallest:
-            raise StartupError(f"the reserves add up to {format_size(sum(cfg.reserves.values()))}, more than a "
-                               f"device's pool ({format_size(smallest)}): they could not all be kept; lower them")
+            quota = cfg.quotas.get(tenant)
+            problem = reserve_problem(tenant, reserve // cfg.page_size,
+                                      None if quota is None else quota // cfg.page_size, others,
+                                      min(self._pages_wanted.values(), default=0), cfg.page_size)
+            if problem:
+                raise StartupError(f"--reserve {tenant}=: {problem}")
+            others += reserve // cfg.page_size
         if self.backend.handles_are_fds:  # host: one memfd a page
             raise_nofile_limit(sum(self._pages_wanted.values()))
             fd_budget = 0

@@ -54,6 +54,7 @@ from vattnd.pool.core import (
     Snapshot,
     TenantUsage,
     check,
+    reserve_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -699,15 +700,37 @@ class PoolService:
                 f"use {format_size(low + page_size)}" + (f" or {format_size(low)}" if low else ""))
         pages = None if request.unlimited else request.quota_bytes // page_size
         priority = request.priority if request.set_priority else None
+        reserve = None
+        if request.set_reserve:
+            if request.reserve_bytes % page_size:
+                raise InvalidArgument(f"reserve {format_size(request.reserve_bytes)} is not a whole number of "
+                                      f"{format_size(page_size)} pages")
+            reserve = request.reserve_bytes // page_size
         with self.lock:
-            self.core.set_quota(tenant, self.core.quota(tenant) if request.keep_quota else pages, priority)
+            core = self.core
+            quota = core.quota(tenant) if request.keep_quota else pages
+            if reserve is not None:
+                self._check_reserve(tenant, reserve, quota)
+            core.set_quota(tenant, quota, priority)
+            if reserve is not None:
+                core.set_reserve(tenant, reserve)
             done = self._retry_waiting()  # a raised quota may let a waiting grant through
             # A tenant with no quota, priority or session left is forgotten: it reads as empty.
             info = next((t for t in self.core.tenants() if t.name == tenant), TenantUsage(tenant, 0, None, 0, 0))
         self._finish(done)
-        log.info("tenant %s: quota %s pages, priority %s", tenant,
-                 "unchanged" if request.keep_quota else pages, priority)
+        log.info("tenant %s: quota %s pages, priority %s, reserve %s pages", tenant,
+                 "unchanged" if request.keep_quota else pages, priority,
+                 "unchanged" if reserve is None else reserve)
         return Reply(tenant_info(info))
+
+    def _check_reserve(self, tenant: str, reserve: int, quota: int | None) -> None:
+        """Refuses a reserve that cannot be kept (self.lock held); changes nothing."""
+        core = self.core
+        others = sum(t.reserve for t in core.tenants() if t.name != tenant)
+        smallest = min((core.snapshot_total(d) for d in core.devices), default=0)
+        problem = reserve_problem(tenant, reserve, quota, others, smallest, core.page_size)
+        if problem:
+            raise InvalidArgument(problem)
 
     def counters(self) -> dict[str, int]:
         return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages.replaced,

@@ -319,21 +319,29 @@ def quota() -> None:
 @click.argument("tenant")
 @click.argument("size", required=False)
 @click.option("--priority", type=int, default=None, help="Lower priorities give idle pages back first.")
+@click.option("--reserve", "reserve", default=None,
+              help="Memory kept for TENANT and lent to others while unused (e.g. 10GiB; 0 removes it).")
 @socket_option
 @json_option
-def quota_set(tenant, size, priority, socket_path, as_json) -> None:
-    """Set TENANT's quota to SIZE (e.g. 20GiB, or 'unlimited'); without SIZE, only --priority changes."""
+def quota_set(tenant, size, priority, reserve, socket_path, as_json) -> None:
+    """Set TENANT's quota to SIZE (e.g. 20GiB, or 'unlimited'); without SIZE, only --priority and --reserve
+    change."""
     import vattn
     from vattn.session import set_quota
 
-    if size is None and priority is None:
-        raise click.UsageError("give a SIZE, a --priority, or both")
+    if size is None and priority is None and reserve is None:
+        raise click.UsageError("give a SIZE, a --priority, a --reserve, or several")
     try:
         quota_bytes = None if size in (None, "unlimited", "none") else _size_value(size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="SIZE") from None
     try:
-        info = set_quota(tenant, quota_bytes, priority, socket_path, keep_quota=size is None)
+        reserve_bytes = None if reserve is None else 0 if reserve in ("0", "none") else _size_value(reserve)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reserve") from None
+    try:
+        info = set_quota(tenant, quota_bytes, priority, socket_path, keep_quota=size is None,
+                         reserve_bytes=reserve_bytes)
     except vattn.VattnError as exc:
         click.echo(f"vattnd: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE if isinstance(exc, vattn.Unavailable) else EXIT_START_FAILED)
@@ -341,7 +349,9 @@ def quota_set(tenant, size, priority, socket_path, as_json) -> None:
         click.echo(json.dumps(tenant_dict(info), indent=2))
     else:
         quota_text = f"{info.quota_pages} pages" if info.has_quota else "no quota"
-        click.echo(f"tenant {info.name}: {quota_text}, priority {info.priority}, holds {info.pages} pages")
+        reserve_text = f", reserve {info.reserve_pages} pages" if info.reserve_pages else ""
+        click.echo(f"tenant {info.name}: {quota_text}{reserve_text}, priority {info.priority}, "
+                   f"holds {info.pages} pages")
 
 
 @quota.command("list")

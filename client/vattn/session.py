@@ -286,10 +286,11 @@ def audit(socket_path: str | None = None, timeout: float = 10.0) -> pb.AuditRepl
 
 
 def set_quota(tenant: str, quota_bytes: int | None, priority: int | None = None, socket_path: str | None = None,
-              timeout: float = 5.0, keep_quota: bool = False) -> pb.TenantInfo:
-    """Sets a tenant's quota (None: unlimited) and/or priority through the admin socket."""
+              timeout: float = 5.0, keep_quota: bool = False, reserve_bytes: int | None = None) -> pb.TenantInfo:
+    """Sets a tenant's quota (None: unlimited), priority and/or reserve (0: none) through the admin socket."""
     request = pb.SetQuotaRequest(tenant=tenant, quota_bytes=quota_bytes or 0, unlimited=quota_bytes is None,
-                                 priority=priority or 0, set_priority=priority is not None, keep_quota=keep_quota)
+                                 priority=priority or 0, set_priority=priority is not None, keep_quota=keep_quota,
+                                 reserve_bytes=reserve_bytes or 0, set_reserve=reserve_bytes is not None)
     return _admin_call(socket_path, "SetQuota", request, timeout)
 
 

@@ -48,9 +48,9 @@ def test_start_refuses_bad_settings_in_one_line_and_leaves_no_socket_behind(shor
     assert "--quota a=3 MiB is not a whole number of 2 MiB pages" in line
     line = one_clear_line(run_cli(*base, "--metrics-port", "-1", "--pool-size", "64MiB", "--reserve", "a=40MiB",
                                   "--reserve", "b=40MiB"))
-    assert "the reserves add up to 80 MiB, more than a device's pool (64 MiB)" in line
+    assert "--reserve b=: the reserves would add up to 80 MiB, more than a device's pool (64 MiB)" in line
     line = one_clear_line(run_cli(*base, "--metrics-port", "-1", "--reserve", "a=8MiB", "--quota", "a=4MiB"))
-    assert "--reserve a=8 MiB is more than its --quota (4 MiB)" in line
+    assert "the reserve of 8 MiB for tenant 'a' is more than its quota (4 MiB)" in line
     line = one_clear_line(run_cli(*base, "--metrics-port", "-1", "--pool-size", "1000TiB"))
     assert "more than this machine's memory" in line
     assert os.listdir(short_tmp) == []

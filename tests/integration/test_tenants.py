@@ -248,5 +248,18 @@ def test_a_reserve_is_lent_while_unused_and_borrowers_open_no_new_slots_while_it
             cb.grow(0, 256 * 4)
             b_info = {t.name: t for t in stats(d.socket).tenants}["b"]
             assert b_info.pages >= 8 and b_info.waiting_for_reserve is False  # the pool covers what b misses
+        # The operator changes reserves at run time, from the CLI; one that cannot be kept changes nothing.
+        out = run_cli("quota", "set", "a", "--reserve", "1536KiB", "--socket", d.socket)
+        assert out.returncode == 1 and "the reserves would add up to 2.5 MiB, more than a device's pool (2 MiB)" \
+            in out.stderr, out.stderr
+        out = run_cli("quota", "set", "b", "512KiB", "--reserve", "1MiB", "--socket", d.socket)
+        assert out.returncode == 1 and "the reserve of 1 MiB for tenant 'b' is more than its quota (512 KiB)" \
+            in out.stderr, out.stderr
+        out = run_cli("quota", "set", "a", "--reserve", "0", "--json", "--socket", d.socket)
+        assert out.returncode == 0 and json.loads(out.stdout)["reserve_pages"] == 0, out.stderr
+        out = run_cli("quota", "set", "b", "--reserve", "1536KiB", "--socket", d.socket)
+        assert out.returncode == 0 and "reserve 24 pages" in out.stdout, out.stderr
+        assert {t.name: (t.reserve_pages, t.has_quota) for t in stats(d.socket).tenants} == {
+            "b": (24, False)}  # a: no session, quota or reserve left: forgotten
     finally:
         assert d.stop() == 0, d.log()

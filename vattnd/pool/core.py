@@ -71,7 +71,7 @@ REUSE_POLICIES = ("session", "principal")
 
 __all__ = [
     "DEFAULT_TENANT", "EMPTY_GRANT", "DeviceUsage", "Geometry", "Grant", "PageId", "PoolCore", "Region",
-    "RegionId", "Session", "SessionId", "SessionUsage", "Shortage", "SlotGrant", "Snapshot", "TenantUsage",
+    "RegionId", "reserve_problem", "Session", "SessionId", "SessionUsage", "Shortage", "SlotGrant", "Snapshot", "TenantUsage",
 ]
 
 
@@ -226,6 +226,19 @@ class Shortage:
             + (f" (and {self.spare} spare in this region)" if self.spare else "")
             + "; free or shrink slots, or give vattnd a larger --pool-size"
         )
+
+
+def reserve_problem(tenant: str, reserve: int, quota: int | None, others: int, smallest_pool: int,
+                    page_size: int) -> str | None:
+    """Why a reserve of ``reserve`` pages for ``tenant`` cannot be kept (None: it can): more than its quota,
+    or with the ``others`` tenants' reserves more than the smallest device's pool."""
+    if quota is not None and reserve > quota:
+        return (f"the reserve of {format_size(reserve * page_size)} for tenant {tenant!r} is more than its quota "
+                f"({format_size(quota * page_size)}): lower the reserve or raise the quota")
+    if others + reserve > smallest_pool:
+        return (f"the reserves would add up to {format_size((others + reserve) * page_size)}, more than a "
+                f"device's pool ({format_size(smallest_pool * page_size)}): they could not all be kept; lower them")
+    return None
 
 
 @dataclass(frozen=True, slots=True)

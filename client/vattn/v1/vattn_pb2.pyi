@@ -275,20 +275,24 @@ class DevicePool(_message.Message):
     def __init__(self, device: _Optional[int] = ..., name: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., pages_spare: _Optional[int] = ..., pages_idle: _Optional[int] = ..., pages_dirty: _Optional[int] = ...) -> None: ...
 
 class SetQuotaRequest(_message.Message):
-    __slots__ = ("tenant", "quota_bytes", "unlimited", "priority", "set_priority", "keep_quota")
+    __slots__ = ("tenant", "quota_bytes", "unlimited", "priority", "set_priority", "keep_quota", "reserve_bytes", "set_reserve")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNLIMITED_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SET_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     KEEP_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SET_RESERVE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     quota_bytes: int
     unlimited: bool
     priority: int
     set_priority: bool
     keep_quota: bool
-    def __init__(self, tenant: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., unlimited: _Optional[bool] = ..., priority: _Optional[int] = ..., set_priority: _Optional[bool] = ..., keep_quota: _Optional[bool] = ...) -> None: ...
+    reserve_bytes: int
+    set_reserve: bool
+    def __init__(self, tenant: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., unlimited: _Optional[bool] = ..., priority: _Optional[int] = ..., set_priority: _Optional[bool] = ..., keep_quota: _Optional[bool] = ..., reserve_bytes: _Optional[int] = ..., set_reserve: _Optional[bool] = ...) -> None: ...
 
 class TenantInfo(_message.Message):
     __slots__ = ("name", "pages", "has_quota", "quota_pages", "priority", "sessions", "reserve_pages", "waiting_for_reserve")
