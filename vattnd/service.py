@@ -345,7 +345,8 @@ class PoolService:
         geometry = Geometry(g.num_layers, g.num_kv_heads, g.head_dim, size, g.max_batch, g.max_context,
                             all_layers=g.layout == pb.LAYOUT_ALL_LAYERS)
         with self.lock:
-            region, spares = self.core.register_region(s.id, geometry, request.device, request.spare_pages)
+            region, spares = self.core.register_region(s.id, geometry, request.device, request.spare_pages,
+                                                       request.preemptible)
             try:
                 delivery = self.pages.deliver(region.device, spares.spare_added, spares.replace)
             except BaseException:
@@ -412,19 +413,23 @@ class PoolService:
             outcome = self._try_grant(s, region_id, entries)
             if isinstance(outcome, Reply):
                 return outcome
-            asks = [(self._by_id[sid], pages) for sid, pages in outcome.reclaim if sid in self._by_id]
-            # Worth waiting for: idle pages other sessions can give back, or pages being replaced.
+            asks = [(self._by_id[sid], pages, False) for sid, pages in outcome.reclaim if sid in self._by_id]
+            asks += [(self._by_id[sid], pages, True) for sid, pages in outcome.preempt if sid in self._by_id]
+            # Worth waiting for: idle pages other sessions can give back, pages borrowed from this tenant's
+            # reserve, or pages being replaced.
             if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
             pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
             self._waiting.append(pending)
             self.reclaims_asked += len(asks)
             self._arm()
-        for handle, pages in asks:
-            handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages)))
+        for handle, pages, busy in asks:
+            handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages,
+                                                                             busy=busy)))
         if asks:
-            log.info("pool of device %d short by %d pages: asked %d sessions for idle pages", outcome.device,
-                     outcome.shortfall, len(asks))
+            log.info("pool of device %d short by %d pages: asked %d sessions for idle pages, %d for pages "
+                     "borrowed from tenant %s's reserve", outcome.device, outcome.shortfall,
+                     len(asks) - len(outcome.preempt), len(outcome.preempt), outcome.tenant)
         return pending
 
     def abandon(self, pending: Pending, error: VattnError) -> None:

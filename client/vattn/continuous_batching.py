@@ -108,6 +108,9 @@ _DEFAULT_MAX_BATCH_TOKENS = 4096
 # long; then it tries again, since other sessions on the pool give pages back too (a new refusal only makes
 # a waiting request wait).
 SHORT_BELIEF_S = 0.1
+# When vattnd asks for pages this engine borrowed from another tenant's reserve, the engine admits nothing and
+# grows nothing for up to this long, so that the scheduler preempts requests (newest first) until they are back.
+GIVE_BACK_S = 1.0
 
 
 # ----- what transformers must provide --------------------------------------------------------------------------
@@ -346,6 +349,11 @@ class VattnPagedCache(_STOCK_CACHE):
         None is the scheduler's signal that the cache is full: it leaves a
         waiting request waiting, or preempts running ones (its own mechanism).
         """
+        if self.engine.giving_back():  # the scheduler preempts the requests it could not grow
+            self.engine.preempted_for_reserve += 1
+            self._short_free = 0 if self._short_free is None else self._short_free
+            self._short_until = time.monotonic() + SHORT_BELIEF_S
+            return None
         slot = self._slots.get(request_id)
         if slot is None:
             slot = self._claim_slot(request_id, n_blocks)
@@ -421,7 +429,10 @@ class VattnPagedCache(_STOCK_CACHE):
     def _release(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
+            pages = self.kv.pages(slot) * self.kv.layout.num_tensors
             self.kv.free(slot)
+            if not self.engine.keep_freed:
+                self.engine.gave_back(pages)
 
     def free_all_requests(self) -> None:
         for request_id in list(self._slots):
@@ -769,6 +780,10 @@ class VattnEngine:
         self.kv = None
         self.refusals = 0
         self.forks = 0
+        self.preempted_for_reserve = 0  # grows held back while giving pages back to a reserve
+        # Pages vattnd asked back for another tenant's reserve, and until when the engine gives them.
+        self._give_back = 0
+        self._give_back_until = 0.0
         self._cache: VattnPagedCache | None = None
         self._fi_kernels: tuple[torch.device, FlashInferKernels] | None = None
         self._original_attn = None
@@ -831,7 +846,7 @@ class VattnEngine:
         self.kv = self.pool.kv_cache(
             num_layers=cache.config.num_hidden_layers, num_kv_heads=cache.num_key_value_heads,
             head_dim=cache.head_dim, max_batch=self.max_batch, max_context=max_context, dtype=cache.dtype,
-            device=device.index or 0, layout=self.layout, keep_freed=self.keep_freed)
+            device=device.index or 0, layout=self.layout, keep_freed=self.keep_freed, preemptible=True)
         if self.kv.k[0].device.type != device.type:
             self.kv.close()
             self.kv = None
@@ -863,9 +878,26 @@ class VattnEngine:
         except BaseException:
             _uninstall(self)
             raise
+        self.pool.session.preempt_handlers.append(self._asked_back)
         return self
 
+    def _asked_back(self, device: int, pages: int) -> None:
+        """vattnd asks for pages this engine borrowed from another tenant's reserve (any thread): the engine's
+        thread holds back grows until its preempted requests gave that many back, or GIVE_BACK_S passed."""
+        kv = self.kv
+        if kv is not None and kv.device_index == device:
+            self._give_back = max(self._give_back, pages)
+            self._give_back_until = time.monotonic() + GIVE_BACK_S
+
+    def giving_back(self) -> bool:
+        return self._give_back > 0 and time.monotonic() < self._give_back_until
+
+    def gave_back(self, pages: int) -> None:
+        self._give_back = max(0, self._give_back - pages)
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._asked_back in self.pool.session.preempt_handlers:
+            self.pool.session.preempt_handlers.remove(self._asked_back)
         _uninstall(self)
         try:
             self.model.set_attn_implementation(self._original_attn)

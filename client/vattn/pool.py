@@ -53,7 +53,7 @@ class Pool:
     def kv_cache(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int,
                  max_context: int, dtype: "torch.dtype | None" = None, device: int = 0,
                  prefetch_pages: int | None = None, layout: str = "per_layer",
-                 ahead_pages: int = 0, keep_freed: bool = False) -> "KVCache":
+                 ahead_pages: int = 0, keep_freed: bool = False, preemptible: bool = False) -> "KVCache":
         """Registers a KV region and returns it as tensors (see :class:`vattn.kv.KVCache`).
 
         ``device`` is the index of the GPU whose pool backs it (0 on host).
@@ -69,6 +69,10 @@ class Pool:
         pages mapped, ``alloc(tokens)`` reuses the best-fitting freed slot, and
         when the pool runs short the daemon asks for idle pages back; a
         background thread of this session answers while the worker is idle.
+        ``preemptible``: the worker gives back pages of running slots when
+        the daemon asks for pages its tenant borrowed from another tenant's
+        reserve (handlers in ``pool.session.preempt_handlers``; engines on
+        ``vattn.continuous_batching`` do, by preempting requests).
         """
         import torch
 
@@ -92,7 +96,7 @@ class Pool:
         if prefetch_pages is None:
             tensors = 1 if layout == "all_layers" else 2 * num_layers
             prefetch_pages = tensors if self.info.backend == pb.BACKEND_CUDA else 0
-        layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages)
+        layout, spare_fds = self.session.register_region(geometry, device, prefetch_pages, preemptible)
         try:
             cache = KVCache(self.session, layout, self._mapper(device), dtype, spare_fds, ahead_pages, keep_freed,
                             prefetch_pages)
@@ -102,7 +106,7 @@ class Pool:
             self.session.release_region(layout.region_id)
             raise
         self._caches.append(cache)
-        if keep_freed or prefetch_pages:  # pages held but unused: the daemon may ask for them back
+        if keep_freed or prefetch_pages or preemptible:  # the daemon may ask for pages back
             self.session.reclaim_handlers.append(cache.release_idle)
             self.session.start_listener()
         return cache

@@ -85,6 +85,9 @@ class Session:
         # Deferred reclamation: callables (device, pages) -> pages given back,
         # run when the daemon asks for idle pages (see serve_reclaims).
         self.reclaim_handlers: list[Callable[[int, int], int]] = []
+        # Called with (device, pages) when the pages were borrowed from another tenant's reserve and idle
+        # pages did not cover them: an engine preempts requests to free them (they come back on its thread).
+        self.preempt_handlers: list[Callable[[int, int], None]] = []
         self._serving = False
         self._listener: threading.Thread | None = None
         self._listener_stop = threading.Event()
@@ -124,11 +127,11 @@ class Session:
         return getattr(result, which), fds
 
     # ----- regions ---------------------------------------------------------
-    def register_region(self, geometry: pb.Geometry, device: int = 0,
-                        spare_pages: int = 0) -> tuple[pb.RegionLayout, list[int]]:
+    def register_region(self, geometry: pb.Geometry, device: int = 0, spare_pages: int = 0,
+                        preemptible: bool = False) -> tuple[pb.RegionLayout, list[int]]:
         """Registers a region; returns its layout and the fds of its first spare pages."""
         request = pb.RegisterRegionRequest(session_token=self.token, geometry=geometry, device=device,
-                                           spare_pages=spare_pages)
+                                           spare_pages=spare_pages, preemptible=preemptible)
         return self.invoke("RegisterRegion", request)
 
     def release_region(self, region_id: int) -> int:
@@ -202,6 +205,9 @@ class Session:
                     released = handler(request.device, wanted)
                     wanted -= released
                     given += released
+                if request.busy and wanted > 0:  # borrowed from a reserve: running requests give them back
+                    for handler in list(self.preempt_handlers):
+                        handler(request.device, wanted)
         finally:
             self._serving = False
         return given

@@ -311,3 +311,53 @@ def test_flashinfer_pages_are_the_slots_own_tokens(short_tmp, layout):
             kv.close()
     finally:
         daemon.stop()
+
+
+def test_an_engine_gives_back_pages_borrowed_from_a_reserve_and_finishes_every_request(model, short_tmp):
+    """An engine of tenant a borrows the pages tenant b has reserved; b asks for them while the engine is busy:
+    vattnd asks the engine (a preemptible region) for them, the engine preempts requests until they are back,
+    b's grow goes through instead of failing, and the engine still finishes every request with the tokens of
+    a run that had all the memory it wanted."""
+    import threading
+
+    requests = [(30 + 7 * i, 150) for i in range(8)]  # 24 pages each (6 tensors x 4): 192 against a pool of 64
+    generation = GenerationConfig(max_new_tokens=150, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def run(socket: str, tenant: str, out: dict) -> None:
+        with vattn.connect(socket, tenant=tenant) as pool, \
+                on_vattnd(model, pool, max_batch=8, max_context=256) as engine:
+            got = model.generate_batch(prompts(requests), generation_config=generation,
+                                       continuous_batching_config=cb_config(), progress_bar=False)
+            out.update(tokens=[o.generated_tokens for o in got.values()], errors=[o.error for o in got.values()],
+                       preempted=engine.preempted_for_reserve)
+
+    ample = start_daemon(short_tmp, page_size="16KiB")
+    try:
+        reference: dict = {}
+        run(ample.socket, "a", reference)
+    finally:
+        assert ample.stop() == 0
+    d = start_daemon(short_tmp, "--reserve", "b=256KiB", pool_size="1MiB", page_size="16KiB")
+    try:
+        engine_out: dict = {}
+        thread = threading.Thread(target=run, args=(d.socket, "a", engine_out))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while d.used_pages() < 50 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.01)  # until the engine holds most of the pool, part of b's 16 reserved pages too
+        assert thread.is_alive() and d.used_pages() >= 50, "the engine never borrowed the reserve"
+        with vattn.connect(d.socket, tenant="b") as b:
+            cache = b.kv_cache(num_layers=1, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024)
+            started = time.monotonic()
+            cache.grow(cache.alloc(), 512)  # b's whole reserve (16 pages), more than is free: the engine gives back
+            waited = time.monotonic() - started
+            assert cache.pages(0) == 8 and waited < 2.0, waited
+            cache.free(0)
+        thread.join(120)
+        assert not thread.is_alive()
+        assert engine_out["errors"] == [None] * len(requests)
+        assert engine_out["preempted"] > 0
+        assert engine_out["tokens"] == reference["tokens"]
+    finally:
+        assert d.wait_used_pages(0) == 0, "pages leaked"
+        assert d.stop() == 0, d.log()

@@ -723,13 +723,14 @@ def test_reserves_hold_under_random_grows_frees_and_reverts(ops):
             missing = sum(max(0, core.reserve(t) - held(t)) for t in core.wanting(0) if t != tenant)
             assert core.free_pages(0) >= missing, (tenant, core.wanting(0), core.tenants())
         core.check_invariants()
-    for slot in range(8):  # the others' requests finish
-        core.shrink(sid["a"], rid["a"], slot, 0)
-        core.shrink(sid["c"], rid["c"], slot, 0)
-    for slot in range(5):  # 5 slots x 2 pages: b's whole reserve
-        if isinstance(core.grow(sid["b"], rid["b"], slot, 16), Shortage):
-            raise AssertionError(f"b cannot get its reserve back with the pool free: {core.tenants()}")
-    assert held("b") >= core.reserve("b")
+    for tenant in "abc":  # every request finishes
+        for slot in range(8):
+            core.shrink(sid[tenant], rid[tenant], slot, 0)
+    for tenant in "ab":  # then each reserved tenant gets its whole reserve: 5 slots x 2 pages
+        for slot in range(5):
+            if isinstance(core.grow(sid[tenant], rid[tenant], slot, 16), Shortage):
+                raise AssertionError(f"{tenant} cannot get its reserve with the pool free: {core.tenants()}")
+        assert held(tenant) >= core.reserve(tenant)
 
 
 def test_a_tenant_past_its_reserve_elsewhere_or_through_spares_shields_nothing():
@@ -767,3 +768,22 @@ def test_spares_do_not_carry_lent_pages_past_a_waiting_tenant_and_a_revert_keeps
     core.revert(b, rb.id, grant)  # the pages could not be delivered: b still waits
     assert core.wanting(0) == ["b"]
     core.check_invariants()
+
+
+@pytest.mark.parametrize("preemptible", [True, False])
+def test_a_tenant_short_of_its_reserve_names_the_borrowers_that_can_give_pages_back(preemptible):
+    """Borrowers' regions that can preempt (engines) are asked for pages of running slots, no more than their
+    tenant borrowed; others are not asked (nothing would come back)."""
+    core = PoolCore(PAGE, {0: 40})
+    b, c, d = (core.open_session(i, 0, 0, t, 0.0, tenant=t).id for i, t in enumerate("bcd"))
+    core.set_reserve("b", 20)
+    core.set_reserve("d", 8)
+    rb = register(core, b, geo(batch=32), 0)
+    rc = register(core, c, geo(batch=32), 0, preemptible=preemptible)
+    rd = register(core, d, geo(batch=32), 0, preemptible=True)
+    for slot in range(8):
+        core.grow(c, rc.id, slot, 16)  # c borrows 32 pages (no reserve)
+    core.grow(d, rd.id, 0, 32)  # d holds 8: its own reserve, nothing borrowed
+    shortage = core.grow(b, rb.id, 0, 3 * 16)  # b needs 12 pages, none free
+    assert shortage.preempt == (((c, 12),) if preemptible else ())
+    assert shortage.reclaim == ()

@@ -86,6 +86,8 @@ class Region:
     # Pages held ahead of need (oldest first); the region's floor of them, and recent demand.
     spare: list[PageId] = field(default_factory=list)
     spare_floor: int = 0
+    # The worker gives back pages of running slots when asked for a reserve (an engine that preempts).
+    preemptible: bool = False
     demand: int = 0
     # Slots whose request finished but whose pages the worker keeps mapped
     # for the next request (deferred reclamation). Advisory: the worker, which
@@ -188,6 +190,9 @@ class Shortage:
     held: int = 0  # pages the tenant holds (with quota)
     reclaim: tuple[tuple[SessionId, int], ...] = ()
     cleaning: int = 0  # pages out for cleaning, back in moments
+    # For a tenant below its reserve: sessions of tenants above theirs to ask for pages of running slots
+    # (engines preempt requests to give them), and how many each, after the idle ones in ``reclaim``.
+    preempt: tuple[tuple[SessionId, int], ...] = ()
     # Set when the pages are there but lent: the tenant is above its reserve, wants a new slot, and these
     # tenants wait for their reserves ((tenant, pages it still misses) each); ``unlent`` pages are free
     # beyond what they miss.
@@ -477,7 +482,9 @@ class PoolCore:
         serve it, tenants above their own reserves (every tenant without one)
         may grow the slots they already serve but open no new slot with the
         free pages the waiting tenants miss: what was lent comes back as the
-        borrowers' requests finish; nothing is taken from a running slot.
+        borrowers' requests finish. The pool takes nothing from a running
+        slot; its Shortage names the borrowers whose regions are preemptible
+        (``preempt``), whom the service asks to give pages back.
         A tenant stops waiting when it holds its reserve (on any device, or
         through spares), when a grant of its leaves the pool able to grant its
         largest refused call again, when it gives pages back, or when its
@@ -531,7 +538,7 @@ class PoolCore:
 
     # ----- regions ---------------------------------------------------------
     def register_region(self, sid: int, geometry: Geometry, device: int,
-                        spare_target: int = 0) -> tuple[Region, Grant]:
+                        spare_target: int = 0, preemptible: bool = False) -> tuple[Region, Grant]:
         """Registers a region and takes its first spares (best effort).
 
         Returns the region and the grant of those spares (``spare_added``,
@@ -549,7 +556,7 @@ class PoolCore:
                 "release one (ReleaseRegion, cache.close()) or use another session")
         region_id = RegionId(self._next_region)
         region = Region(region_id, session.id, device, Layout.of(region_id, geometry, self.page_size),
-                        spare_floor=spare_target)
+                        spare_floor=spare_target, preemptible=preemptible)
         self._next_region += 1
         self._regions[region.id] = region
         session.regions[region.id] = region
@@ -636,14 +643,17 @@ class PoolCore:
         held = self._tenant_pages[tenant]
         if wanted > available + len(spare):
             missing = self._missing(tenant)
+            shortfall = wanted - available - len(spare)
+            reclaim = self._reclaim_targets(region.device, session.id, shortfall)
+            preempt = ()
             if missing:  # below its reserve: to be served before borrowers open new slots
                 wanting = self._wanting.setdefault(region.device, {})
                 wanting[tenant] = max(wanting.get(tenant, 0), min(wanted, missing))
+                left = min(shortfall, missing) - sum(n for _, n in reclaim)
+                if left > 0:
+                    preempt = self._borrowers(region.device, tenant, left)
             return Shortage(region.device, self.page_size, wanted, available, self._total[region.device],
-                            len(spare), tenant,
-                            reclaim=self._reclaim_targets(region.device, session.id,
-                                                          wanted - available - len(spare)),
-                            cleaning=free.cleaning)
+                            len(spare), tenant, reclaim=reclaim, cleaning=free.cleaning, preempt=preempt)
         from_spare = min(wanted, len(spare))
         fresh_n = wanted - from_spare
         quota = self._quota.get(tenant)
@@ -745,6 +755,31 @@ class PoolCore:
                 break
             asks.append((sid, min(-neg_pages, shortfall)))
             shortfall += neg_pages
+        return tuple(asks)
+
+    def _borrowers(self, device: int, tenant: str, pages: int) -> tuple[tuple[SessionId, int], ...]:
+        """Sessions of tenants above their reserves holding slots of preemptible regions on ``device`` to ask
+        for ``pages`` pages of running slots in all (each at most what its tenant borrowed and what the session
+        holds there), the tenants that borrowed most first."""
+        held: dict[SessionId, int] = {}
+        for region in self._regions.values():
+            if region.device == device and region.slots and region.preemptible:
+                owner = self._sessions[region.session].tenant
+                if owner != tenant and self._tenant_pages[owner] > self._reserve.get(owner, 0):
+                    held[region.session] = held.get(region.session, 0) + sum(map(len, region.slots.values()))
+        asks = []
+        borrowed: dict[str, int] = {}
+        for sid in sorted(held, key=lambda s: (-(self._tenant_pages[self._sessions[s].tenant]
+                                                 - self._reserve.get(self._sessions[s].tenant, 0)), s)):
+            if pages <= 0:
+                break
+            owner = self._sessions[sid].tenant
+            lent = borrowed.setdefault(owner, self._tenant_pages[owner] - self._reserve.get(owner, 0))
+            n = min(pages, held[sid], lent)
+            if n > 0:
+                asks.append((sid, n))
+                borrowed[owner] -= n
+                pages -= n
         return tuple(asks)
 
     def revert(self, sid: int, region_id: int, grant: Grant) -> None:

@@ -89,12 +89,14 @@ class CallResult(_message.Message):
     def __init__(self, call_id: _Optional[int] = ..., grant: _Optional[_Union[_vattn_pb2.GrantReply, _Mapping]] = ..., shrink: _Optional[_Union[_vattn_pb2.ShrinkReply, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., layout: _Optional[_Union[_vattn_pb2.RegionLayout, _Mapping]] = ..., released: _Optional[_Union[_vattn_pb2.ReleaseRegionReply, _Mapping]] = ..., fd_count: _Optional[int] = ..., grant_seq: _Optional[int] = ...) -> None: ...
 
 class ReclaimRequest(_message.Message):
-    __slots__ = ("device", "pages")
+    __slots__ = ("device", "pages", "busy")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
     device: int
     pages: int
-    def __init__(self, device: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+    busy: bool
+    def __init__(self, device: _Optional[int] = ..., pages: _Optional[int] = ..., busy: _Optional[bool] = ...) -> None: ...
 
 class ChannelMessage(_message.Message):
     __slots__ = ("hello", "welcome", "refused", "pages", "call", "result", "reclaim")

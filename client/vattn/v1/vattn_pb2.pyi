@@ -95,16 +95,18 @@ class Geometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., layout: _Optional[_Union[Layout, str]] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
-    __slots__ = ("session_token", "geometry", "device", "spare_pages")
+    __slots__ = ("session_token", "geometry", "device", "spare_pages", "preemptible")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SPARE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     geometry: Geometry
     device: int
     spare_pages: int
-    def __init__(self, session_token: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ..., spare_pages: _Optional[int] = ...) -> None: ...
+    preemptible: bool
+    def __init__(self, session_token: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., device: _Optional[int] = ..., spare_pages: _Optional[int] = ..., preemptible: _Optional[bool] = ...) -> None: ...
 
 class RegionLayout(_message.Message):
     __slots__ = ("region_id", "geometry", "device", "num_tensors", "page_size", "token_bytes", "slot_stride", "pages_per_slot", "tensor_bytes", "spare_grant_seq", "spare_page_ids")
