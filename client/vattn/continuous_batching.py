@@ -351,7 +351,8 @@ class VattnPagedCache(_STOCK_CACHE):
         """
         if self.engine.giving_back():  # the scheduler preempts the requests it could not grow
             self.engine.preempted_for_reserve += 1
-            self._short_free = 0 if self._short_free is None else self._short_free
+            if self._short_free is None:
+                self._short_free = 0
             self._short_until = time.monotonic() + SHORT_BELIEF_S
             return None
         slot = self._slots.get(request_id)
@@ -429,10 +430,10 @@ class VattnPagedCache(_STOCK_CACHE):
     def _release(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
-            pages = self.kv.pages(slot) * self.kv.layout.num_tensors
+            engine = self.engine
+            if engine._give_back and not engine.keep_freed:  # only while vattnd asked pages back
+                engine.gave_back(self.kv.pages(slot) * self.kv.layout.num_tensors)
             self.kv.free(slot)
-            if not self.engine.keep_freed:
-                self.engine.gave_back(pages)
 
     def free_all_requests(self) -> None:
         for request_id in list(self._slots):

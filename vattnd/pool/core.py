@@ -762,23 +762,23 @@ class PoolCore:
         for ``pages`` pages of running slots in all (each at most what its tenant borrowed and what the session
         holds there), the tenants that borrowed most first."""
         held: dict[SessionId, int] = {}
+        lent: dict[str, int] = {}  # pages each borrowing tenant holds beyond its reserve, still to ask for
         for region in self._regions.values():
             if region.device == device and region.slots and region.preemptible:
                 owner = self._sessions[region.session].tenant
-                if owner != tenant and self._tenant_pages[owner] > self._reserve.get(owner, 0):
+                over = self._tenant_pages[owner] - self._reserve.get(owner, 0)
+                if owner != tenant and over > 0:
+                    lent[owner] = over
                     held[region.session] = held.get(region.session, 0) + sum(map(len, region.slots.values()))
         asks = []
-        borrowed: dict[str, int] = {}
-        for sid in sorted(held, key=lambda s: (-(self._tenant_pages[self._sessions[s].tenant]
-                                                 - self._reserve.get(self._sessions[s].tenant, 0)), s)):
+        for sid in sorted(held, key=lambda s: (-lent[self._sessions[s].tenant], s)):
             if pages <= 0:
                 break
             owner = self._sessions[sid].tenant
-            lent = borrowed.setdefault(owner, self._tenant_pages[owner] - self._reserve.get(owner, 0))
-            n = min(pages, held[sid], lent)
+            n = min(pages, held[sid], lent[owner])
             if n > 0:
                 asks.append((sid, n))
-                borrowed[owner] -= n
+                lent[owner] -= n
                 pages -= n
         return tuple(asks)
 
