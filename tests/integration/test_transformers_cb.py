@@ -191,16 +191,16 @@ def test_pressure_preempts_and_finishes_every_request(model, unconstrained, tigh
     assert tokens == unconstrained
 
 
-def _other_family(family: str):
+def _other_family(family: str, hidden: int = 128):
     """A tiny random-weight model of another family: Mistral-style (every layer a 12-token window) or
-    Qwen2-style (biases on q/k/v)."""
+    Qwen2-style (biases on q/k/v); four query heads of ``hidden // 4``."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, eos_token_id=None)
     if family == "mistral":
-        return MistralForCausalLM(MistralConfig(head_dim=32, sliding_window=12, **common)).eval()
+        return MistralForCausalLM(MistralConfig(head_dim=hidden // 4, sliding_window=12, **common)).eval()
     return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=False, **common)).eval()
 
 

@@ -9,7 +9,10 @@ not the pool. Workers import the fd, map it into their reserved range and
 set read-write access (:mod:`vattn.cuda_mapping`).
 
 The driver needs a current context in every thread that calls it, so each
-entry point makes the device's primary context current first.
+entry point makes the device's primary context current first. A device's
+context is retained the first time it is needed (the bring-up thread of that
+device, in practice), not at start: creating contexts costs hundreds of ms per
+GPU, and the daemon listens before the pools are built.
 """
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ class CudaBackend:
         self.page_size = page_size
         self._lock = threading.Lock()
         self._devices: list[DeviceInfo] = []
-        self._ctx: dict[int, object] = {}
+        self._ctx: dict[int, object] = {}  # device -> its primary context, once retained
+        self._ctx_locks: dict[int, threading.Lock] = {}
+        self._dev: dict[int, object] = {}
         self._prop: dict[int, object] = {}
         # Every allocation this backend made and has not released, by its integer value.
         self._handles: dict[int, object] = {}
@@ -57,19 +62,18 @@ class CudaBackend:
             dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
             name = check(cu, cu.cuDeviceGetName(256, dev), "cuDeviceGetName").split(b"\0")[0].decode()
             total = check(cu, cu.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
-            self._ctx[index] = check(cu, cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            self._dev[index], self._ctx_locks[index] = dev, threading.Lock()
             prop = cu.CUmemAllocationProp()
             prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
             prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
             prop.location.id = index
             prop.requestedHandleTypes = fd_type
-            granularity = check(
-                cu,
-                cu.cuMemGetAllocationGranularity(
-                    prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
-                ),
-                "cuMemGetAllocationGranularity",
-            )
+            minimum = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+            err, granularity = cu.cuMemGetAllocationGranularity(prop, minimum)
+            if err == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a driver that wants a context for it
+                self._make_current(index)
+                err, granularity = cu.cuMemGetAllocationGranularity(prop, minimum)
+            granularity = check(cu, (err, granularity), "cuMemGetAllocationGranularity")
             if page_size <= 0 or page_size % granularity:
                 raise BackendUnavailable(
                     f"page size {page_size} is not a multiple of GPU {index}'s allocation granularity "
@@ -82,7 +86,14 @@ class CudaBackend:
         return tuple(self._devices)
 
     def _make_current(self, device: int) -> None:
-        check(self.cu, self.cu.cuCtxSetCurrent(self._ctx[device]), "cuCtxSetCurrent")
+        ctx = self._ctx.get(device)
+        if ctx is None:
+            with self._ctx_locks[device]:
+                ctx = self._ctx.get(device)
+                if ctx is None:
+                    ctx = self._ctx[device] = check(self.cu, self.cu.cuDevicePrimaryCtxRetain(self._dev[device]),
+                                                    "cuDevicePrimaryCtxRetain")
+        check(self.cu, self.cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
     def create_pages(self, device: int, count: int) -> list:
         """Creates ``count`` pages on ``device`` (fewer if the device runs out of memory); returns their handles."""
@@ -179,6 +190,5 @@ class CudaBackend:
             cu.cuMemAddressFree(scratch, self.page_size * SCRUB_BATCH)
         self._scratch.clear()
         for index in list(self._ctx):
-            dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
-            cu.cuDevicePrimaryCtxRelease(dev)
+            cu.cuDevicePrimaryCtxRelease(self._dev[index])
         self._ctx.clear()
