@@ -349,7 +349,10 @@ class VattnPagedCache(_STOCK_CACHE):
         None is the scheduler's signal that the cache is full: it leaves a
         waiting request waiting, or preempts running ones (its own mechanism).
         """
-        if self.engine.giving_back():  # the scheduler preempts the requests it could not grow
+        if self.engine.giving_back() and self._others_hold_pages(request_id):
+            # The scheduler preempts the requests it could not grow. Only while another request holds pages:
+            # transformers never preempts its last active request, and a scheduler with nothing it may run
+            # stops the engine. The last one grows as usual (and waits, if vattnd refuses).
             self.engine.preempted_for_reserve += 1
             if self._short_free is None:
                 self._short_free = 0
@@ -442,7 +445,9 @@ class VattnPagedCache(_STOCK_CACHE):
     def get_num_free_blocks(self) -> int:
         """Blocks the engine may still count on: the slots' unused blocks, or, since vattnd last refused a
         grow and for SHORT_BELIEF_S after, only what this engine gave back since (the pool is shared: that is
-        all it knows is free)."""
+        all it knows is free); none while it gives pages back to a reserve."""
+        if self.engine.giving_back():
+            return 0  # nothing is free while vattnd waits for pages back: the scheduler preempts until they are
         free = self.num_blocks - self._blocks_used
         if self._short_free is not None and time.monotonic() >= self._short_until:
             self._short_free = None  # pages may have come back from other sessions: try again

@@ -313,6 +313,44 @@ def test_flashinfer_pages_are_the_slots_own_tokens(short_tmp, layout):
         daemon.stop()
 
 
+def test_an_engine_asked_for_more_than_its_requests_hold_still_finishes_every_request(model, daemon):
+    """vattnd may ask an engine for more pages than its requests hold (its spares, say, or a tenant that also
+    borrowed through other sessions): the engine preempts what it can and goes on with the last request that
+    holds pages, rather than leaving transformers' scheduler nothing to schedule (which kills its thread)."""
+    import threading
+
+    requests = [(30 + 7 * i, 60) for i in range(8)]
+    generation = GenerationConfig(max_new_tokens=60, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def run(ask: bool) -> tuple[list, list, int]:
+        with vattn.connect(daemon.socket) as pool, on_vattnd(model, pool, max_batch=8, max_context=256) as engine:
+            done = threading.Event()
+
+            def ask_back() -> None:  # what the session does on each ReclaimRequest(busy) from the daemon
+                while not done.wait(0.05):
+                    for handler in list(pool.session.preempt_handlers):
+                        handler(0, 10**6)
+
+            asker = threading.Thread(target=ask_back)
+            if ask:
+                asker.start()
+            try:
+                got = model.generate_batch(prompts(requests), generation_config=generation,
+                                           continuous_batching_config=cb_config(), progress_bar=False)
+            finally:
+                done.set()
+                if ask:
+                    asker.join()
+            return [o.generated_tokens for o in got.values()], [o.error for o in got.values()], \
+                engine.preempted_for_reserve
+
+    reference, _, _ = run(ask=False)
+    tokens, errors, held_back = run(ask=True)
+    assert errors == [None] * len(requests)
+    assert held_back > 0
+    assert tokens == reference
+
+
 def test_an_engine_gives_back_pages_borrowed_from_a_reserve_and_finishes_every_request(model, short_tmp):
     """An engine of tenant a borrows the pages tenant b has reserved; b asks for them while the engine is busy:
     vattnd asks the engine (a preemptible region) for them, the engine preempts requests until they are back,
