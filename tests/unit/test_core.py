@@ -787,3 +787,17 @@ def test_a_tenant_short_of_its_reserve_names_the_borrowers_that_can_give_pages_b
     shortage = core.grow(b, rb.id, 0, 3 * 16)  # b needs 12 pages, none free
     assert shortage.preempt == (((c, 12),) if preemptible else ())
     assert shortage.reclaim == ()
+
+
+def test_a_reverted_step_that_granted_nothing_parks_its_slot_again():
+    """Found by the state machine: stepping a parked slot to fewer tokens than it holds grants no page but
+    makes the slot serve again; reverting that step must leave the slot parked, as a refused call would."""
+    core, sid = fresh()
+    region = register(core, sid, geo(layers=1, heads=1, batch=1, context=1), 0)
+    core.step(sid, region.id, [(0, 1)])
+    assert core.park(sid, region.id, 0) == 2
+    before = state(core)
+    grant = core.step(sid, region.id, [(0, 0)])
+    assert not grant.page_ids and grant.reactivated == (0,)
+    core.revert(sid, region.id, grant)
+    assert state(core) == before

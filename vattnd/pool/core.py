@@ -634,8 +634,10 @@ class PoolCore:
         # A slot being grown serves a request again (changed only once the step cannot fail).
         reactivated = tuple(slot for slot, _ in entries if slot in idle) if idle else ()
         if not plan:
+            if not reactivated:
+                return EMPTY_GRANT
             idle.difference_update(reactivated)
-            return EMPTY_GRANT
+            return Grant((), (), reactivated=reactivated)  # no pages, but revert must park them again
         session = self._sessions[region.session]
         tenant = session.tenant
         free, spare = self._free[region.device], region.spare
