@@ -6,12 +6,18 @@ class CudaUnavailable(RuntimeError):
     """No usable CUDA driver or GPU in this process."""
 
 
-def load_driver():
-    """Imports and initialises the CUDA driver (``cuda.bindings.driver``)."""
+def import_driver():
+    """``cuda.bindings.driver``, not initialised; raises CudaUnavailable where it is not importable."""
     try:
         from cuda.bindings import driver as cu
     except Exception as exc:  # noqa: BLE001 - any import failure means no CUDA here
         raise CudaUnavailable(f"cuda-bindings is not importable ({exc})") from None
+    return cu
+
+
+def load_driver():
+    """Imports and initialises the CUDA driver (``cuda.bindings.driver``)."""
+    cu = import_driver()
     try:
         (err,) = cu.cuInit(0)
     except Exception as exc:  # noqa: BLE001 - e.g. the driver library is missing

@@ -278,6 +278,37 @@ def test_gpu_pages_leaving_a_session_arrive_zeroed(short_tmp):
     assert "Traceback" not in d.log(), d.log()
 
 
+def test_nvml_lists_the_gpus_as_the_cuda_driver_does_and_a_daemon_sized_from_it_serves(short_tmp):
+    """Where the daemon sizes its pools from NVML, NVML's GPUs are CUDA's, index for index; such a daemon
+    starts the driver in its bring-up threads (after it listens), builds its pools and serves grows."""
+    from vattn.cudadrv import check, load_driver
+    from vattnd.backends.nvml import quick_gpus
+
+    known = quick_gpus()
+    if known is None:
+        pytest.skip("NVML is missing or this node's GPUs differ (the daemon asks the driver at start)")
+    cu = load_driver()
+    assert len(known) == check(cu, cu.cuDeviceGetCount(), "cuDeviceGetCount")
+    for info in known:
+        dev = check(cu, cu.cuDeviceGet(info.index), "cuDeviceGet")
+        assert info.name == check(cu, cu.cuDeviceGetName(256, dev), "cuDeviceGetName").split(b"\0")[0].decode()
+        assert info.memory_bytes == check(cu, cu.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
+    d = start_daemon(short_tmp, "--devices", "0", backend="cuda", pool_size="1GiB", page_size="2MiB")
+    try:
+        with vattn.connect(d.socket) as pool:
+            cache = pool.kv_cache(num_layers=2, num_kv_heads=8, head_dim=128, max_batch=2, max_context=4096,
+                                  dtype=torch.float16)
+            slot = cache.alloc()
+            cache.grow(slot, 4096)
+            cache.k[1][slot] = 3.0
+            torch.cuda.synchronize()
+            assert torch.all(cache.k[1][slot] == 3.0)
+            cache.free(slot)
+        assert d.stats().pools[0].pages_total == 512
+    finally:
+        assert d.stop() == 0, d.log()
+
+
 def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

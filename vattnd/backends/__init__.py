@@ -14,16 +14,23 @@ log = logging.getLogger(__name__)
 
 
 def open_backend(kind: str, page_size: int, devices: Sequence[int] | None = None) -> PageBackend:
-    """Opens the named backend; ``auto`` is cuda where a GPU is usable, else host."""
+    """Opens the named backend; ``auto`` is cuda where a GPU is usable, else host.
+
+    Where NVML lists the GPUs as CUDA will see them (see :mod:`vattnd.backends.nvml`), the CUDA backend
+    is returned without starting the driver: the bring-up threads start it. A driver that then fails
+    fails the bring-up (the daemon stops with the reason), rather than this call.
+    """
     from vattnd.backends.host import HostBackend
 
     if kind == "host":
         return HostBackend(page_size)
     if kind in ("cuda", "auto"):
         from vattnd.backends.cuda import CudaBackend
+        from vattnd.backends.nvml import quick_gpus
 
+        known = quick_gpus()  # GPUs found this way start their driver after the daemon listens
         try:
-            return CudaBackend(page_size, devices)
+            return CudaBackend(page_size, devices, known=known)
         except BackendUnavailable as exc:
             if kind == "cuda":
                 raise

@@ -12,7 +12,9 @@ The driver needs a current context in every thread that calls it, so each
 entry point makes the device's primary context current first. A device's
 context is retained the first time it is needed (the bring-up thread of that
 device, in practice), not at start: creating contexts costs hundreds of ms per
-GPU, and the daemon listens before the pools are built.
+GPU, and the daemon listens before the pools are built. Where NVML lists the
+GPUs (:mod:`vattnd.backends.nvml`), the driver itself (``cuInit``, about a
+second on a four-GPU node) also starts on first use, under a lock.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import threading
 from typing import Sequence
 
-from vattn.cudadrv import CudaUnavailable, check, load_driver
+from vattn.cudadrv import CudaUnavailable, check, import_driver, load_driver
 from vattnd.backends.base import BackendUnavailable, DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -34,20 +36,14 @@ class CudaBackend:
     kind = "cuda"
     handles_are_fds = False
 
-    def __init__(self, page_size: int, devices: Sequence[int] | None = None):
-        try:
-            cu = self.cu = load_driver()
-        except CudaUnavailable as exc:
-            raise BackendUnavailable(str(exc)) from None
-        count = check(cu, cu.cuDeviceGetCount(), "cuDeviceGetCount")
-        if count == 0:
-            raise BackendUnavailable("the CUDA driver sees no GPU")
-        wanted = list(range(count)) if devices is None else list(devices)
-        bad = [d for d in wanted if not 0 <= d < count]
-        if bad:
-            raise BackendUnavailable(f"--devices {bad} do not exist: this node has GPUs 0..{count - 1}")
+    def __init__(self, page_size: int, devices: Sequence[int] | None = None,
+                 known: Sequence[DeviceInfo] | None = None):
+        """``known``: every GPU of the node as CUDA numbers them (from :func:`vattnd.backends.nvml.quick_gpus`);
+        then the driver starts on first use (the bring-up threads), not here. Without it, here."""
         self.page_size = page_size
+        self.cu = None  # the driver module, once started
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._devices: list[DeviceInfo] = []
         self._ctx: dict[int, object] = {}  # device -> its primary context, once retained
         self._ctx_locks: dict[int, threading.Lock] = {}
@@ -56,8 +52,43 @@ class CudaBackend:
         # Every allocation this backend made and has not released, by its integer value.
         self._handles: dict[int, object] = {}
         self._scratch: dict[int, int] = {}  # device -> a page of address space for zeroing
+        self._known = None if known is None else list(known)
+        if self._known is None:
+            self._wanted = devices
+            self._open()
+        else:
+            try:
+                import_driver()  # a missing cuda-bindings shows now (auto then serves host memory)
+            except CudaUnavailable as exc:
+                raise BackendUnavailable(str(exc)) from None
+            self._wanted = _wanted(devices, len(self._known))
+            self._devices = [self._known[index] for index in self._wanted]
+
+    def _driver(self):
+        """The CUDA driver, started (once) if it is not yet; raises BackendUnavailable if it cannot be."""
+        cu = self.cu
+        if cu is None:
+            with self._open_lock:
+                if self.cu is None:
+                    self._open()
+                cu = self.cu
+        return cu
+
+    def _open(self) -> None:
+        try:
+            cu = load_driver()
+        except CudaUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+        count = check(cu, cu.cuDeviceGetCount(), "cuDeviceGetCount")
+        if count == 0:
+            raise BackendUnavailable("the CUDA driver sees no GPU")
+        if self._known is not None and count != len(self._known):
+            raise BackendUnavailable(f"NVML lists {len(self._known)} GPUs but the CUDA driver sees {count}; "
+                                     "name the GPUs with CUDA_VISIBLE_DEVICES to make the daemon ask the driver")
+        wanted = _wanted(self._wanted, count)
         fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-        self._fd_type = fd_type
+        minimum = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        devices = []
         for index in wanted:
             dev = check(cu, cu.cuDeviceGet(index), "cuDeviceGet")
             name = check(cu, cu.cuDeviceGetName(256, dev), "cuDeviceGetName").split(b"\0")[0].decode()
@@ -68,24 +99,29 @@ class CudaBackend:
             prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
             prop.location.id = index
             prop.requestedHandleTypes = fd_type
-            minimum = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
             err, granularity = cu.cuMemGetAllocationGranularity(prop, minimum)
             if err == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a driver that wants a context for it
-                self._make_current(index)
+                self._ctx[index] = check(cu, cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+                check(cu, cu.cuCtxSetCurrent(self._ctx[index]), "cuCtxSetCurrent")
                 err, granularity = cu.cuMemGetAllocationGranularity(prop, minimum)
             granularity = check(cu, (err, granularity), "cuMemGetAllocationGranularity")
-            if page_size <= 0 or page_size % granularity:
+            if self.page_size <= 0 or self.page_size % granularity:
                 raise BackendUnavailable(
-                    f"page size {page_size} is not a multiple of GPU {index}'s allocation granularity "
+                    f"page size {self.page_size} is not a multiple of GPU {index}'s allocation granularity "
                     f"{granularity} bytes: use --page-size {granularity >> 20}MiB or a multiple of it"
                 )
             self._prop[index] = prop
-            self._devices.append(DeviceInfo(index, name, total))
+            devices.append(DeviceInfo(index, name, total))
+        if self._known is None:
+            self._devices = devices
+        self._fd_type = fd_type
+        self.cu = cu  # last: other threads take the driver as started once this is set
 
     def devices(self) -> Sequence[DeviceInfo]:
         return tuple(self._devices)
 
     def _make_current(self, device: int) -> None:
+        self._driver()
         ctx = self._ctx.get(device)
         if ctx is None:
             with self._ctx_locks[device]:
@@ -97,8 +133,8 @@ class CudaBackend:
 
     def create_pages(self, device: int, count: int) -> list:
         """Creates ``count`` pages on ``device`` (fewer if the device runs out of memory); returns their handles."""
-        cu = self.cu
         self._make_current(device)
+        cu = self.cu
         prop, size = self._prop[device], self.page_size
         handles = []
         try:
@@ -119,8 +155,8 @@ class CudaBackend:
 
     def export_pages(self, device: int, handles: Sequence) -> list[int]:
         """A new POSIX fd for each page (the caller closes them); all, or raises having made none."""
-        cu, fd_type = self.cu, self._fd_type
         self._make_current(device)
+        cu, fd_type = self.cu, self._fd_type
         fds: list[int] = []
         try:
             for handle in handles:
@@ -134,8 +170,8 @@ class CudaBackend:
 
     def zeroed_pages(self, device: int, count: int) -> list:
         """New pages, zeroed through a scratch mapping in the daemon (all ``count`` of them, or raises)."""
-        cu = self.cu
         new = self.create_pages(device, count)
+        cu = self.cu
         if len(new) < count:
             self.release_pages(device, new)
             raise BackendUnavailable(f"GPU {device} is out of memory: cannot create {count} zeroed pages")
@@ -180,6 +216,8 @@ class CudaBackend:
 
     def close(self) -> None:
         cu = self.cu
+        if cu is None:
+            return  # the driver never started: nothing was made
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         if self._ctx:
@@ -192,3 +230,12 @@ class CudaBackend:
         for index in list(self._ctx):
             cu.cuDevicePrimaryCtxRelease(self._dev[index])
         self._ctx.clear()
+
+
+def _wanted(devices: Sequence[int] | None, count: int) -> list[int]:
+    """The GPUs asked for (all by default), checked against the ``count`` the node has."""
+    wanted = list(range(count)) if devices is None else list(devices)
+    bad = [d for d in wanted if not 0 <= d < count]
+    if bad:
+        raise BackendUnavailable(f"--devices {bad} do not exist: this node has GPUs 0..{count - 1}")
+    return wanted

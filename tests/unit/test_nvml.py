@@ -1,0 +1,38 @@
+"""When the daemon may size its GPU pools from NVML (and start the CUDA driver after it listens)."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from vattnd.backends.nvml import quick_gpus, usable
+
+H200 = ("NVIDIA H200", 150754820096, False)
+
+
+def test_identical_gpus_without_cuda_visible_devices_or_mig_are_usable():
+    assert usable([H200] * 4, {})
+    assert usable([H200], {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})  # one model: any order sizes the same
+
+
+@pytest.mark.parametrize("gpus, environ", [
+    ([], {}),  # no GPU: the driver decides (auto then serves host memory)
+    ([H200] * 2, {"CUDA_VISIBLE_DEVICES": "1"}),  # CUDA sees a subset, renumbered
+    ([H200] * 2, {"CUDA_VISIBLE_DEVICES": ""}),  # CUDA sees none
+    ([H200, ("NVIDIA H200", 150754820096, True)], {}),  # MIG: CUDA lists instances, not GPUs
+    ([H200, ("NVIDIA H100 80GB HBM3", 85520809984, False)], {}),  # mixed models: CUDA may order them otherwise
+    ([H200, ("NVIDIA H200", 150000000000, False)], {}),
+])
+def test_nvml_is_not_trusted_where_cuda_may_number_or_size_gpus_otherwise(gpus, environ):
+    assert not usable(gpus, environ)
+
+
+def test_quick_gpus_defers_to_the_driver_where_it_cannot_know():
+    assert quick_gpus({"CUDA_VISIBLE_DEVICES": "0"}) is None
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        assert quick_gpus({}) is None  # no NVML here: the CUDA backend asks the driver at start
+    else:
+        gpus = quick_gpus({})
+        assert gpus is None or [g.index for g in gpus] == list(range(len(gpus)))
