@@ -308,8 +308,10 @@ class KVCache:
             if failure:
                 raise failure[0]
             raise Internal("the daemon granted other pages than the spares it holds for this region; reconnect")
-        self._mapper.add_spares(reply.spare_page_ids, fds)
-        self.slots.granted(plan, reply.page_ids, reply.spare_page_ids)
+        try:
+            self.slots.granted(plan, reply.page_ids, reply.spare_page_ids)
+        finally:  # last: the importer thread it wakes competes for the GIL with what the grow still has to do
+            self._mapper.add_spares(reply.spare_page_ids, fds)
 
     def _map(self, reply: pb.GrantReply, fds: list[int]) -> None:
         """Maps the pages of a grant the daemon made, with the fds that came with it."""
@@ -323,8 +325,10 @@ class KVCache:
             _close_fds(fds)
             raise
         self._mapper.map_pages(slots.layout.addresses(plan, self._bases), reply.page_ids, fresh, self.page_size)
-        self._mapper.add_spares(reply.spare_page_ids, spare_fds)
-        slots.granted(plan, reply.page_ids, reply.spare_page_ids)
+        try:
+            slots.granted(plan, reply.page_ids, reply.spare_page_ids)
+        finally:  # last, as in _grant_from_spares
+            self._mapper.add_spares(reply.spare_page_ids, spare_fds)
 
     def page_addresses(self, slot: int, first: int, count: int) -> list[int]:
         """Where pages ``first .. first + count - 1`` of ``slot`` sit, every tensor's, in grant order."""
