@@ -40,7 +40,8 @@ after the other:
            second cannot start (bench_engine.py: 95 GiB reserved on an H200)
 
 Printed per configuration and engine: the attention kernels it ran,
-requests sent, completed (in the window, and in all), failed and lost,
+requests sent, completed (in the window, per phase of the phases trace,
+and in all), failed and lost,
 generated tokens, tokens/s, request latency p50/p99 (from sending), KV
 memory peak and mean (vattnd: mapped pages, sampled every 10 ms; stock: its
 reservation), grows refused; and the whole trace's figures with their ratio
@@ -201,6 +202,9 @@ def run_engine(label: str, model_name: str, mode: str, sock: str, args, barrier)
     row["window_tokens"] = sum(len(r.generated_tokens) for t, r in done if t <= window)
     row["makespan_s"] = max((t for t, _ in done), default=float("nan"))
     row["window_s"] = window
+    if args.trace == "phases":  # where an engine gains or loses: in its own phases, or the other's
+        row["per_phase"] = [sum(1 for t, _ in done if i * args.phase <= t < (i + 1) * args.phase)
+                            for i in range(args.phases)]
     lat = sorted(t0 + t - submitted[r.request_id] for t, r in done)
     row["latency_p50"] = lat[len(lat) // 2] if lat else float("nan")
     row["latency_p99"] = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
@@ -230,9 +234,9 @@ def table(rows: list[dict], args, card: str, torch_version: str, models: dict) -
              f"({'bf16' if card != 'CPU (host backend)' else 'float32'}); KV budget {args.kv}; {args.trace} trace: "
              f"{shape}; prompts {args.prompt} tokens, {args.new} new tokens", ""]
     if phases:
-        lines += ["| configuration | engine | attention | sent | completed in the window | completed in all | failed "
-                  "| lost | tokens/s in the window | latency p50 / p99 (s) | KV peak | KV mean | grows refused |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| configuration | engine | attention | sent | completed in the window | per phase | completed in all "
+                  "| failed | lost | tokens/s in the window | latency p50 / p99 (s) | KV peak | KV mean | grows refused |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     else:
         lines += ["| configuration | engine | attention | completed / requests | failed | lost | tokens | tokens/s "
                   "| latency p50 / p99 (s) | KV peak | KV mean | grows refused |",
@@ -244,7 +248,8 @@ def table(rows: list[dict], args, card: str, torch_version: str, models: dict) -
         mem = f"{size(r['kv_peak'])} | {size(r['kv_mean'])} | {r.get('refusals', '-')}"
         head = f"| {r['mode']} | {r['engine']} ({r['model']}) | {kern}"
         if phases:
-            lines.append(f"{head} | {r['requests']} | {r['in_window']} | {r['completed']} | {r['failed']} "
+            per_phase = " / ".join(map(str, r.get("per_phase", ())))
+            lines.append(f"{head} | {r['requests']} | {r['in_window']} | {per_phase} | {r['completed']} | {r['failed']} "
                          f"| {r['lost']} | {r['window_tokens'] / r['window_s']:.0f} | {lat} | {mem} |")
         else:
             tps = r["tokens"] / r["makespan_s"] if r["completed"] else 0.0
@@ -345,7 +350,8 @@ def main() -> None:
                     p.terminate()
             if daemon is not None:
                 daemon.stop()
-        print(f"{mode}: " + ", ".join(f"{r['engine']} {r['in_window']} in the window, {r['completed']}/"
+        print(f"{mode}: " + ", ".join(f"{r['engine']} {r['in_window']} in the window "
+                                      f"({' / '.join(map(str, r.get('per_phase', ())))} per phase), {r['completed']}/"
                                       f"{r['requests']} in {r['makespan_s']:.1f} s ({r['kernels']}, refusals "
                                       f"{r.get('refusals', '-')}, KV peak {r['kv_peak'] / 2**20:.0f} MiB)"
                                       for r in rows[-2:]), flush=True)
