@@ -36,3 +36,31 @@ def test_quick_gpus_defers_to_the_driver_where_it_cannot_know():
     else:
         gpus = quick_gpus({})
         assert gpus is None or [g.index for g in gpus] == list(range(len(gpus)))
+
+
+def test_a_cuda_backend_sized_from_nvml_reports_its_drivers_first_failure_and_closes():
+    """The CUDA backend built from NVML's GPUs starts the driver on first use. Where the driver cannot start
+    (no GPU here), every later call raises the same error (the driver is started once) and close() is safe."""
+    from vattn.cudadrv import CudaUnavailable, gpu_count, import_driver
+    from vattnd.backends.base import BackendUnavailable, DeviceInfo
+    from vattnd.backends.cuda import CudaBackend
+
+    try:
+        import_driver()
+    except CudaUnavailable:
+        pytest.skip("cuda-bindings is not importable here")
+    if gpu_count():
+        pytest.skip("a GPU is usable here: the driver starts (tests/gpu covers that)")
+    known = [DeviceInfo(0, "NVIDIA H200", 150754820096)]
+    with pytest.raises(BackendUnavailable, match="multiple of 2 MiB"):
+        CudaBackend(3 << 20, known=known)
+    with pytest.raises(BackendUnavailable, match="do not exist"):
+        CudaBackend(2 << 20, [1], known=known)
+    backend = CudaBackend(2 << 20, known=known)
+    assert [d.name for d in backend.devices()] == ["NVIDIA H200"]  # no driver needed for that
+    with pytest.raises(BackendUnavailable) as first:
+        backend.create_pages(0, 4)
+    with pytest.raises(BackendUnavailable) as again:
+        backend.export_pages(0, [])
+    assert again.value is first.value
+    backend.close()

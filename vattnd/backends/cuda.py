@@ -28,6 +28,10 @@ from vattnd.backends.base import BackendUnavailable, DeviceInfo
 
 log = logging.getLogger(__name__)
 
+# cuMemGetAllocationGranularity's answer for device memory on every NVIDIA GPU so far (checked again once
+# the driver runs).
+NVIDIA_GRANULARITY = 2 << 20
+
 # Pages zeroed together through the scratch range.
 SCRUB_BATCH = 64
 
@@ -53,6 +57,8 @@ class CudaBackend:
         self._handles: dict[int, object] = {}
         self._scratch: dict[int, int] = {}  # device -> a page of address space for zeroing
         self._known = None if known is None else list(known)
+        self._open_error: BaseException | None = None
+        self._cu_for_close = None  # the driver module once loaded, for close() even after a failed start
         if self._known is None:
             self._wanted = devices
             self._open()
@@ -63,14 +69,26 @@ class CudaBackend:
                 raise BackendUnavailable(str(exc)) from None
             self._wanted = _wanted(devices, len(self._known))
             self._devices = [self._known[index] for index in self._wanted]
+            if page_size <= 0 or page_size % NVIDIA_GRANULARITY:  # the driver's own check comes in _open
+                raise BackendUnavailable(
+                    f"page size {page_size} is not a multiple of 2 MiB, the allocation granularity of NVIDIA "
+                    "GPUs: use --page-size 2MiB or a multiple of it")
 
     def _driver(self):
-        """The CUDA driver, started (once) if it is not yet; raises BackendUnavailable if it cannot be."""
+        """The CUDA driver, started (once) if it is not yet; raises BackendUnavailable if it cannot be (the
+        first failure again on later calls: the driver is started once)."""
         cu = self.cu
         if cu is None:
             with self._open_lock:
+                if self._open_error is not None:
+                    raise self._open_error
                 if self.cu is None:
-                    self._open()
+                    try:
+                        self._open()
+                    except BaseException as exc:
+                        self._open_error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(
+                            f"the CUDA driver could not start: {exc}")
+                        raise self._open_error from None
                 cu = self.cu
         return cu
 
@@ -79,12 +97,14 @@ class CudaBackend:
             cu = load_driver()
         except CudaUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
+        self._cu_for_close = cu
         count = check(cu, cu.cuDeviceGetCount(), "cuDeviceGetCount")
         if count == 0:
             raise BackendUnavailable("the CUDA driver sees no GPU")
-        if self._known is not None and count != len(self._known):
-            raise BackendUnavailable(f"NVML lists {len(self._known)} GPUs but the CUDA driver sees {count}; "
-                                     "name the GPUs with CUDA_VISIBLE_DEVICES to make the daemon ask the driver")
+        if self._known is not None and any(index >= count for index in self._wanted):
+            raise BackendUnavailable(f"NVML lists {len(self._known)} GPUs but the CUDA driver sees {count}: pick "
+                                     "the GPUs with --devices, or set CUDA_VISIBLE_DEVICES (the daemon then asks "
+                                     "the driver at start)")
         wanted = _wanted(self._wanted, count)
         fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         minimum = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
@@ -114,6 +134,12 @@ class CudaBackend:
             devices.append(DeviceInfo(index, name, total))
         if self._known is None:
             self._devices = devices
+        else:
+            for info, seen in zip(self._devices, devices):
+                if info.name != seen.name or abs(info.memory_bytes - seen.memory_bytes) > seen.memory_bytes // 100:
+                    log.warning("GPU %d: NVML said %s with %s bytes, the CUDA driver says %s with %s bytes; the "
+                                "pool was sized from NVML", seen.index, info.name, info.memory_bytes, seen.name,
+                                seen.memory_bytes)
         self._fd_type = fd_type
         self.cu = cu  # last: other threads take the driver as started once this is set
 
@@ -216,8 +242,12 @@ class CudaBackend:
 
     def close(self) -> None:
         cu = self.cu
-        if cu is None:
-            return  # the driver never started: nothing was made
+        if cu is None:  # the driver never started, or failed to: no page was made; contexts may have been
+            cu = self._cu_for_close
+            for index in list(self._ctx) if cu is not None else ():
+                cu.cuDevicePrimaryCtxRelease(self._dev[index])
+            self._ctx.clear()
+            return
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         if self._ctx:

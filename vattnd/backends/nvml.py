@@ -5,6 +5,11 @@ on, measured: docs/benchmarks.md); NVML gives the count, names and memory of
 the same GPUs in about 50 ms. The CUDA backend uses these facts to size the
 pools and starts the driver in the background (the bring-up threads).
 
+Memory is NVML's total less what the driver reserves (``nvmlMemory_v2_t``),
+which is what CUDA calls the total; where that call is missing, NVML's total,
+a fraction of a percent more (the bring-up logs a GPU whose figures differ
+by more than 1% once the driver runs).
+
 NVML numbers GPUs by PCI bus; CUDA's default order (fastest first) may
 differ, and ``CUDA_VISIBLE_DEVICES`` or MIG change what CUDA sees. The
 facts are used only where CUDA cannot see it differently: no
@@ -29,6 +34,29 @@ MIG_ENABLED = 1
 
 class _Memory(ctypes.Structure):
     _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+class _MemoryV2(ctypes.Structure):  # nvmlMemory_v2_t: also what the driver and firmware reserve
+    _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+MEMORY_V2 = ctypes.sizeof(_MemoryV2) | (2 << 24)  # NVML_STRUCT_VERSION(Memory, 2)
+
+
+def _memory(nvml, handle) -> int | None:
+    """Bytes CUDA reports as the GPU's total (cuDeviceTotalMem): NVML's total less what the driver reserves,
+    where this NVML says; its total otherwise (a little more than CUDA's)."""
+    v2 = _MemoryV2(version=MEMORY_V2)
+    try:
+        if nvml.nvmlDeviceGetMemoryInfo_v2(handle, ctypes.byref(v2)) == NVML_SUCCESS and v2.total > v2.reserved:
+            return int(v2.total - v2.reserved)
+    except AttributeError:  # an NVML older than the v2 call
+        pass
+    v1 = _Memory()
+    if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(v1)) != NVML_SUCCESS:
+        return None
+    return int(v1.total)
 
 
 def usable(gpus: Sequence[tuple[str, int, bool]], environ: Mapping[str, str]) -> bool:
@@ -62,15 +90,16 @@ def quick_gpus(environ: Mapping[str, str] | None = None) -> list[DeviceInfo] | N
         for index in range(count.value):
             handle = ctypes.c_void_p()
             name = ctypes.create_string_buffer(96)
-            memory = _Memory()
             current, pending = ctypes.c_uint(), ctypes.c_uint()
             if (nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != NVML_SUCCESS
-                    or nvml.nvmlDeviceGetName(handle, name, len(name)) != NVML_SUCCESS
-                    or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != NVML_SUCCESS):
+                    or nvml.nvmlDeviceGetName(handle, name, len(name)) != NVML_SUCCESS):
+                return None
+            memory = _memory(nvml, handle)
+            if memory is None:
                 return None
             mig = (nvml.nvmlDeviceGetMigMode(handle, ctypes.byref(current), ctypes.byref(pending)) == NVML_SUCCESS
                    and current.value == MIG_ENABLED)
-            gpus.append((name.value.decode(errors="replace"), int(memory.total), mig))
+            gpus.append((name.value.decode(errors="replace"), memory, mig))
     except (AttributeError, OSError) as exc:  # an NVML without these entry points
         log.debug("NVML: %s; asking the CUDA driver instead", exc)
         return None
