@@ -27,9 +27,13 @@ after the other:
   shared   one vattnd pool of --kv bytes, both engines on it, each its own
            tenant with half of it reserved (--reserve): the busy engine
            borrows what the other does not use; once the other is refused
-           for want of pages, the borrower opens no new requests with them
-           and its finishing requests give them back. An engine holds pages
-           only for its requests in flight
+           for want of pages, the borrower opens no new requests with them,
+           and vattnd asks it for them: it preempts requests until they are
+           back (on_vattnd's give_back). An engine holds pages only for its
+           requests in flight
+  drain    (not run unless named in --modes) shared, but the engines do not
+           give borrowed pages back while their requests run
+           (give_back=False): they come back as those requests finish
   unreserved  (not run unless named in --modes) the same pool with no
            reserves: each engine takes what it can
   halves   the same daemon and pool, each tenant capped at half (--quota):
@@ -155,7 +159,8 @@ def run_engine(label: str, model_name: str, mode: str, sock: str, args, barrier)
 
         pool = vattn.connect(sock, name=f"engine-{label}", tenant=f"engine-{label}")
         max_context = args.max_prompt + args.new + block
-        switch = on_vattnd(model, pool, max_batch=args.max_batch, max_context=max_context, layout="all_layers")
+        switch = on_vattnd(model, pool, max_batch=args.max_batch, max_context=max_context, layout="all_layers",
+                           give_back=mode != "drain")
     row = {"engine": label, "model": model_name, "mode": mode}
     with switch as engine:
         model.generate_batch([[1, 2, 3, 4]] * 2, generation_config=GenerationConfig(
@@ -308,9 +313,9 @@ def main() -> None:
         args.gap, args.phases, args.phase = 0.5, 2, 1.5
         args.max_batch, args.batch_tokens, args.timeout = 16, 128, 120.0
     args.min_prompt, args.max_prompt = (int(x) for x in args.prompt.split("-"))
-    unknown = set(args.modes.split(",")) - {"shared", "unreserved", "halves", "stock"}
+    unknown = set(args.modes.split(",")) - {"shared", "drain", "unreserved", "halves", "stock"}
     if unknown:
-        ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; use shared, unreserved, halves, stock")
+        ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; use shared, drain, unreserved, halves, stock")
 
     import torch
 
@@ -325,7 +330,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         half, extra = args.kv_bytes // 2, []
-        if mode in ("halves", "shared"):
+        if mode in ("halves", "shared", "drain"):
             flag = "--quota" if mode == "halves" else "--reserve"
             extra = [flag, f"engine-A={half}", flag, f"engine-B={half}"]
         daemon = None if mode == "stock" else launch_daemon(backend, args.kv, page, *extra)

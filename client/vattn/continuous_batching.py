@@ -762,7 +762,7 @@ class VattnEngine:
     """
 
     def __init__(self, model, pool, *, max_batch: int, max_context: int | None, layout: str, keep_freed: bool,
-                 wait_s: float, decode: str, attention: str = "auto"):
+                 wait_s: float, decode: str, attention: str = "auto", give_back: bool = True):
         if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
             raise InvalidArgument(f"vattn.continuous_batching needs torch >= 2.5 (SDPA with enable_gqa), not "
                                   f"{torch.__version__}: upgrade torch")
@@ -776,6 +776,9 @@ class VattnEngine:
         if not self.max_context:
             raise InvalidArgument("the model's config has no max_position_embeddings: pass max_context")
         self.layout, self.keep_freed, self.wait_s = layout, keep_freed, wait_s
+        if type(give_back) is not bool:
+            raise InvalidArgument(f"give_back={give_back!r}: use True or False")
+        self.give_back = give_back
         if decode not in ("auto", *_DECODES):
             raise InvalidArgument(f"decode={decode!r}: use 'auto', 'loop' or 'batched'")
         self.decode = decode
@@ -852,7 +855,7 @@ class VattnEngine:
         self.kv = self.pool.kv_cache(
             num_layers=cache.config.num_hidden_layers, num_kv_heads=cache.num_key_value_heads,
             head_dim=cache.head_dim, max_batch=self.max_batch, max_context=max_context, dtype=cache.dtype,
-            device=device.index or 0, layout=self.layout, keep_freed=self.keep_freed, preemptible=True)
+            device=device.index or 0, layout=self.layout, keep_freed=self.keep_freed, preemptible=self.give_back)
         if self.kv.k[0].device.type != device.type:
             self.kv.close()
             self.kv = None
@@ -949,7 +952,8 @@ def _check_engine_config(cb, distributed_helper) -> None:
 
 @contextlib.contextmanager
 def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = None, layout: str = "per_layer",
-              keep_freed: bool = False, wait_s: float = 30.0, decode: str = "auto", attention: str = "auto"):
+              keep_freed: bool = False, wait_s: float = 30.0, decode: str = "auto", attention: str = "auto",
+              give_back: bool = True):
     """Runs ``model``'s continuous batching on ``pool`` (a :func:`vattn.connect` pool) inside the block.
 
     ``max_batch``: requests in flight at once (one slot each; more wait).
@@ -968,11 +972,17 @@ def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = Non
     (:class:`FlashInferKernels`; layers with a sliding window use SDPA);
     ``"sdpa"``, SDPA per prefill and ``decode`` for decodes; ``"auto"``
     (default): FlashInfer where it loads and the model is on a GPU in
-    float16 or bfloat16.
+    float16 or bfloat16. ``give_back``: whether vattnd may ask this engine
+    for pages it borrowed from another tenant's reserve while they run
+    (True, default: the region is preemptible, and the engine preempts
+    requests until they are back); with False the engine keeps them until
+    its requests finish (vattnd still lets it open no new request with pages
+    a tenant waiting for its reserve misses).
 
     Yields the :class:`VattnEngine` (``engine.kv``, ``engine.refusals``, ``engine.forks``).
     """
     engine = VattnEngine(model, pool, max_batch=max_batch, max_context=max_context, layout=layout,
-                         keep_freed=keep_freed, wait_s=wait_s, decode=decode, attention=attention)
+                         keep_freed=keep_freed, wait_s=wait_s, decode=decode, attention=attention,
+                         give_back=give_back)
     with engine:
         yield engine
