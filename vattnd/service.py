@@ -370,10 +370,10 @@ class PoolService:
 
     # ----- the per-iteration calls -----------------------------------------
     def grow(self, s: SessionHandle, request: pb.GrowRequest) -> Reply | Pending:
-        return self._grant(s, request.region_id, ((request.slot, request.tokens),))
+        return self._grant(s, request.region_id, ((request.slot, request.tokens),), request.no_wait)
 
     def step(self, s: SessionHandle, request: pb.StepRequest) -> Reply | Pending:
-        return self._grant(s, request.region_id, [(e.slot, e.tokens) for e in request.entries])
+        return self._grant(s, request.region_id, [(e.slot, e.tokens) for e in request.entries], request.no_wait)
 
     def shrink(self, s: SessionHandle, request: pb.ShrinkRequest) -> Reply:
         return self._shrink(s, request.region_id, request.slot, request.tokens, request.to_spares)
@@ -408,7 +408,10 @@ class PoolService:
         self._finish(done)
         return Reply(pb.ShrinkReply(pages_per_tensor=keep, pages_released=len(released), spare_page_ids=kept))
 
-    def _grant(self, s: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]]) -> Reply | Pending:
+    def _grant(self, s: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]],
+               no_wait: bool = False) -> Reply | Pending:
+        """Grants at once, or asks other sessions for pages and parks the call until they come back (up to
+        ``reclaim_wait``); with ``no_wait`` it asks and refuses at once (the caller retries)."""
         with self.lock:
             outcome = self._try_grant(s, region_id, entries)
             if isinstance(outcome, Reply):
@@ -419,17 +422,22 @@ class PoolService:
             # reserve, or pages being replaced.
             if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
-            pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
-            self._waiting.append(pending)
             self.reclaims_asked += len(asks)
-            self._arm()
+            if no_wait:
+                pending = None
+            else:
+                pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
+                self._waiting.append(pending)
+                self._arm()
         for handle, pages, busy in asks:
             handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages,
                                                                              busy=busy)))
-        if asks:
+        if asks and pending is not None:  # (a no-wait caller retries each step: no line each time)
             log.info("pool of device %d short by %d pages: asked %d sessions for idle pages, %d for pages "
                      "borrowed from tenant %s's reserve", outcome.device, outcome.shortfall,
                      len(asks) - len(outcome.preempt), len(outcome.preempt), outcome.tenant)
+        if pending is None:
+            raise outcome.error()
         return pending
 
     def abandon(self, pending: Pending, error: VattnError) -> None:

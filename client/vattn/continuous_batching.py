@@ -366,7 +366,7 @@ class VattnPagedCache(_STOCK_CACHE):
         table = self._tables.setdefault(request_id, [])
         have = len(table)
         want = min(have + n_blocks, self.blocks_per_slot)
-        if not self._grow(request_id, slot, want * self.block_size):
+        if not self._grow(request_id, slot, want * self.block_size, new=not table):
             if not table:
                 del self._tables[request_id]
                 self._release(request_id)
@@ -385,18 +385,22 @@ class VattnPagedCache(_STOCK_CACHE):
         self._slots[request_id] = slot
         return slot
 
-    def _grow(self, request_id: str, slot: int, tokens: int) -> bool:
+    def _grow(self, request_id: str, slot: int, tokens: int, new: bool = False) -> bool:
         """Maps what ``tokens`` tokens need in ``slot``; False when vattnd refuses.
 
         While another request of this engine holds pages, a refusal returns
         at once: the engine preempts. A request alone in the engine has
         nobody to preempt, so it waits (up to ``wait_s``) for pages other
-        sessions give back before giving up.
+        sessions give back before giving up. A ``new`` request (its first
+        pages) does not wait for pages vattnd asks other sessions for while
+        this engine has others to run: it stays waiting in the scheduler, and
+        the engine's other requests go on meanwhile.
         """
         deadline, pause = None, 0.01
+        wait = not (new and self._others_hold_pages(request_id))
         while True:
             try:
-                self.kv.grow(slot, tokens)
+                self.kv.grow(slot, tokens, wait=wait)
                 return True
             except ResourceExhausted as exc:
                 self.engine.refusals += 1

@@ -200,23 +200,30 @@ class KVCache:
         """Pages held ahead of need (prefetched) for this cache."""
         return len(self.slots.spares)
 
-    def grow(self, slot: int, tokens: int) -> None:
-        """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can."""
+    def grow(self, slot: int, tokens: int, wait: bool = True) -> None:
+        """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can.
+
+        Where the pool is short and the daemon asks other sessions for pages,
+        the call waits for them (up to 2 s); with ``wait=False`` it raises
+        ResourceExhausted at once instead (they are still asked: retry
+        shortly), for a worker with other work to do meanwhile.
+        """
         if self._pending is not None:
             self.wait()
         if self.slots.covers(slot, tokens):
             return
         with self._lock:
-            self._grant(self._needy({slot: tokens}), single=True)
+            self._grant(self._needy({slot: tokens}), single=True, no_wait=not wait)
 
-    def step(self, targets: Mapping[int, int]) -> None:
-        """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages."""
+    def step(self, targets: Mapping[int, int], wait: bool = True) -> None:
+        """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages (``wait``: as
+        in :meth:`grow`)."""
         if self._pending is not None:
             self.wait()
         needy = self._needy(targets)
         if needy:
             with self._lock:
-                self._grant(needy, single=False)
+                self._grant(needy, single=False, no_wait=not wait)
 
     def _needy(self, targets: Mapping[int, int]) -> list[tuple[int, int]]:
         """The entries of ``targets`` that need pages, checked (allocated slots, whole token counts)."""
@@ -254,11 +261,11 @@ class KVCache:
         with self._lock:
             self._grant(entries, single=False)
 
-    def _grant(self, entries, single: bool) -> None:
+    def _grant(self, entries, single: bool, no_wait: bool = False) -> None:
         try:
             while True:
                 try:
-                    return self._grant_once(entries, single)
+                    return self._grant_once(entries, single, no_wait)
                 except ResourceExhausted:
                     # The session's own idle pages come first: give back one slot's
                     # worth (the largest) and try again, until none is left.
@@ -267,7 +274,7 @@ class KVCache:
         finally:
             self._session.serve_reclaims()
 
-    def _grant_once(self, entries, single: bool) -> None:
+    def _grant_once(self, entries, single: bool, no_wait: bool = False) -> None:
         entries = list(entries)
         if self.ahead_pages:
             ahead = self.ahead_pages * self.page_size // self.slots.layout.token_bytes
@@ -277,14 +284,14 @@ class KVCache:
             plan, wanted = self.slots.plan(entries)  # checked entries: the daemon's plan, exactly
             spares = self.slots.spares_for(wanted)
             if spares is not None:
-                return self._grant_from_spares(entries, plan, spares)
+                return self._grant_from_spares(entries, plan, spares, no_wait)
         if single:
-            reply, fds = self._session.grow(self.region_id, *entries[0])
+            reply, fds = self._session.grow(self.region_id, *entries[0], no_wait=no_wait)
         else:
-            reply, fds = self._session.step(self.region_id, entries)
+            reply, fds = self._session.step(self.region_id, entries, no_wait=no_wait)
         self._map(reply, fds)
 
-    def _grant_from_spares(self, entries, plan, spares: list[int]) -> None:
+    def _grant_from_spares(self, entries, plan, spares: list[int], no_wait: bool = False) -> None:
         """The grant is covered by spares, which the daemon takes oldest first: map them while
         the call is in flight, then check the daemon granted exactly those."""
         addrs = self.slots.layout.addresses(plan, self._bases)
@@ -297,7 +304,7 @@ class KVCache:
                 failure.append(exc)
 
         try:
-            reply, fds = self._session.step_overlapped(self.region_id, entries, map_ahead)
+            reply, fds = self._session.step_overlapped(self.region_id, entries, map_ahead, no_wait)
         except BaseException:
             if not failure:
                 self._mapper.unmap_to_spares(addrs, spares)  # the daemon kept them as spares

@@ -140,7 +140,7 @@ class Session:
 
     # ----- the per-iteration calls -----------------------------------------
     def step_overlapped(self, region_id: int, entries: Iterable[tuple[int, int]],
-                        during: Callable[[], None]) -> tuple[pb.GrantReply, list[int]]:
+                        during: Callable[[], None], no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
         """A channel Step that runs ``during()`` while the daemon works on it.
 
         The worker maps the spare pages it knows the grant will use while the
@@ -148,7 +148,8 @@ class Session:
         ``during`` raises, the result is still received (the channel stays in
         step) and the exception is raised after it.
         """
-        request = pb.StepRequest(region_id=region_id, entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries])
+        request = pb.StepRequest(region_id=region_id, entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
+                                 no_wait=no_wait)
         with self._lock:
             call_id = self.channel.send_call(channel_pb2.Call(step=request))
             try:
@@ -157,15 +158,16 @@ class Session:
                 result, fds = self.channel.wait_result(call_id)
             return self._result(result, fds)
 
-    def grow(self, region_id: int, slot: int, tokens: int) -> tuple[pb.GrantReply, list[int]]:
+    def grow(self, region_id: int, slot: int, tokens: int, no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
         """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""
         return self.invoke("Grow", pb.GrowRequest(session_token=self.token, region_id=region_id, slot=slot,
-                                                  tokens=tokens))
+                                                  tokens=tokens, no_wait=no_wait))
 
-    def step(self, region_id: int, entries: Iterable[tuple[int, int]]) -> tuple[pb.GrantReply, list[int]]:
+    def step(self, region_id: int, entries: Iterable[tuple[int, int]],
+             no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
         request = pb.StepRequest(
             session_token=self.token, region_id=region_id,
-            entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
+            entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries], no_wait=no_wait,
         )
         return self.invoke("Step", request)
 

@@ -71,6 +71,35 @@ def test_daemon_asks_an_idle_worker_for_its_pages(daemon, pool):
         proc.join(10)
 
 
+def test_a_no_wait_grow_is_refused_at_once_and_the_pages_still_come_back(daemon, pool):
+    """grow(wait=False) where the pages must come back from an idle worker: RESOURCE_EXHAUSTED without the
+    wait, the worker is asked all the same, and a retry a moment later is granted."""
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers.hold_idle, args=(daemon.socket, 4, 8192, result))
+    proc.start()
+    try:
+        _, idle = result.get(timeout=60)
+        assert idle == 256 and daemon.used_pages() == 256
+        cache = pool.kv_cache(num_layers=4, num_kv_heads=2, head_dim=64, max_batch=2, max_context=6144)
+        cache.grow(cache.alloc(), 6144)  # 192 of the 256 free pages
+        slot = cache.alloc()
+        t0 = time.monotonic()
+        with pytest.raises(vattn.ResourceExhausted):
+            cache.grow(slot, 6144, wait=False)  # 192 more: 64 free, the rest idle in the other worker
+        refused_after = time.monotonic() - t0
+        assert cache.pages(slot) == 0 and daemon.used_pages() <= 256 + 192  # the refusal changed nothing
+        deadline = time.monotonic() + 10
+        while daemon.stats().pools[0].pages_free < 192 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the idle worker was asked for the 128 missing and gives them back
+        assert daemon.stats().pools[0].pages_idle == 128  # what was asked for, no more
+        cache.grow(slot, 6144, wait=False)
+        assert cache.pages(slot) == 24
+        assert refused_after < 0.5, refused_after  # not the 2 s a waiting grow may take
+    finally:
+        proc.kill()
+        proc.join(10)
+
+
 def test_own_idle_pages_are_used_before_failing(pool, daemon):
     cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=8192,
                           keep_freed=True)  # 4 tensors

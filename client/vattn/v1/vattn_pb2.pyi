@@ -149,16 +149,18 @@ class ReleaseRegionReply(_message.Message):
     def __init__(self, pages_released: _Optional[int] = ...) -> None: ...
 
 class GrowRequest(_message.Message):
-    __slots__ = ("session_token", "region_id", "slot", "tokens")
+    __slots__ = ("session_token", "region_id", "slot", "tokens", "no_wait")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     region_id: int
     slot: int
     tokens: int
-    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+    no_wait: bool
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., slot: _Optional[int] = ..., tokens: _Optional[int] = ..., no_wait: _Optional[bool] = ...) -> None: ...
 
 class StepEntry(_message.Message):
     __slots__ = ("slot", "tokens")
@@ -169,14 +171,16 @@ class StepEntry(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_token", "region_id", "entries")
+    __slots__ = ("session_token", "region_id", "entries", "no_wait")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     region_id: int
     entries: _containers.RepeatedCompositeFieldContainer[StepEntry]
-    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[StepEntry, _Mapping]]] = ...) -> None: ...
+    no_wait: bool
+    def __init__(self, session_token: _Optional[str] = ..., region_id: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[StepEntry, _Mapping]]] = ..., no_wait: _Optional[bool] = ...) -> None: ...
 
 class SlotGrant(_message.Message):
     __slots__ = ("slot", "first_page", "count")
