@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 # How long a grant waits for idle pages that other sessions were asked to return.
 RECLAIM_WAIT_S = 2.0
+# A session's no-wait calls (retried each engine step) have others asked for pages at most this often: the
+# asks take time to be served, and a caller in a loop must not flood other sessions with them.
+NO_WAIT_ASK_EVERY_S = 0.1
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_NAME = 200
 # Sessions and tenants listed in Stats (and /metrics) at most: the largest.
@@ -117,6 +120,8 @@ class SessionHandle:
     grant_seq: int = 0
     # The grant of this session that waits for reclaimed pages, if any.
     waiting: "Pending | None" = None
+    # When this session's last no-wait call had other sessions asked for pages (see NO_WAIT_ASK_EVERY_S).
+    asked_at: float = float("-inf")
 
 
 def _nothing() -> None:
@@ -422,13 +427,16 @@ class PoolService:
             # reserve, or pages being replaced.
             if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
-            self.reclaims_asked += len(asks)
             if no_wait:
-                pending = None
+                now = time.monotonic()
+                if now - s.asked_at < NO_WAIT_ASK_EVERY_S:
+                    raise outcome.error()  # asked a moment ago: those asks are being served
+                s.asked_at, pending = now, None
             else:
                 pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
                 self._waiting.append(pending)
                 self._arm()
+            self.reclaims_asked += len(asks)
         for handle, pages, busy in asks:
             handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages,
                                                                              busy=busy)))

@@ -100,6 +100,40 @@ def test_a_no_wait_grow_is_refused_at_once_and_the_pages_still_come_back(daemon,
         proc.join(10)
 
 
+def test_no_wait_calls_in_a_loop_do_not_flood_a_stopped_worker_with_requests(daemon, pool):
+    """A worker whose idle pages are wanted is stopped (SIGSTOP) and never answers; another retries a
+    no-wait grow in a tight loop: each call is refused at once, and the stopped worker is asked at most
+    every 0.1 s, not on every call (its connection would fill with requests it cannot read)."""
+    import urllib.request
+
+    def asked() -> float:
+        text = urllib.request.urlopen(daemon.metrics_url + "/metrics", timeout=5).read().decode()
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("vattnd_reclaim_requests_total"))
+
+    result = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers.hold_idle, args=(daemon.socket, 4, 8192, result))
+    proc.start()
+    try:
+        _, idle = result.get(timeout=60)
+        assert idle == 256
+        os.kill(proc.pid, signal.SIGSTOP)
+        cache = pool.kv_cache(num_layers=6, num_kv_heads=2, head_dim=64, max_batch=2, max_context=8192)
+        slot = cache.alloc()
+        before, calls, t0 = asked(), 0, time.monotonic()
+        while time.monotonic() - t0 < 0.5:
+            calls += 1
+            with pytest.raises(vattn.ResourceExhausted):
+                cache.grow(slot, 8192, wait=False)  # 384 pages, 256 free: the rest would have to come back
+        sent = asked() - before
+        assert calls >= 20 and 1 <= sent <= 7, (calls, sent)
+        assert cache.pages(slot) == 0
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.join(10)
+
+
 def test_own_idle_pages_are_used_before_failing(pool, daemon):
     cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=8192,
                           keep_freed=True)  # 4 tensors
