@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import math
 import re
 import secrets
 import threading
@@ -61,9 +62,6 @@ log = logging.getLogger(__name__)
 
 # How long a grant waits for idle pages that other sessions were asked to return.
 RECLAIM_WAIT_S = 2.0
-# A session's no-wait calls (retried each engine step) have others asked for pages at most this often: the
-# asks take time to be served, and a caller in a loop must not flood other sessions with them.
-NO_WAIT_ASK_EVERY_S = 0.1
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_NAME = 200
 # Sessions and tenants listed in Stats (and /metrics) at most: the largest.
@@ -120,8 +118,9 @@ class SessionHandle:
     grant_seq: int = 0
     # The grant of this session that waits for reclaimed pages, if any.
     waiting: "Pending | None" = None
-    # When this session's last no-wait call had other sessions asked for pages (see NO_WAIT_ASK_EVERY_S).
-    asked_at: float = float("-inf")
+    # Per device, when this session's last no-wait call had other sessions asked for pages: it has them
+    # asked again only once the reclaim wait has passed (they are being served meanwhile).
+    asked_at: dict[int, float] = field(default_factory=dict)
 
 
 def _nothing() -> None:
@@ -416,7 +415,14 @@ class PoolService:
     def _grant(self, s: SessionHandle, region_id: int, entries: Sequence[tuple[int, int]],
                no_wait: bool = False) -> Reply | Pending:
         """Grants at once, or asks other sessions for pages and parks the call until they come back (up to
-        ``reclaim_wait``); with ``no_wait`` it asks and refuses at once (the caller retries)."""
+        ``reclaim_wait``).
+
+        With ``no_wait`` it asks (once per ``reclaim_wait`` per device: the asks are being served
+        meanwhile, and a caller in a loop must not flood a slow holder) and refuses at once; the caller
+        retries. Except for a tenant below its reserve that borrowers are asked to give pages back to:
+        that call still parks, since a parked grant takes the returned pages first, before the borrowers'
+        running requests grow into them again.
+        """
         with self.lock:
             outcome = self._try_grant(s, region_id, entries)
             if isinstance(outcome, Reply):
@@ -427,11 +433,11 @@ class PoolService:
             # reserve, or pages being replaced.
             if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
-            if no_wait:
+            if no_wait and not outcome.preempt:
                 now = time.monotonic()
-                if now - s.asked_at < NO_WAIT_ASK_EVERY_S:
-                    raise outcome.error()  # asked a moment ago: those asks are being served
-                s.asked_at, pending = now, None
+                if not asks or now - s.asked_at.get(outcome.device, -math.inf) < self.reclaim_wait:
+                    raise outcome.error()  # (being cleaned, or asked a moment ago: those asks are being served)
+                s.asked_at[outcome.device], pending = now, None
             else:
                 pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
                 self._waiting.append(pending)
@@ -440,7 +446,7 @@ class PoolService:
         for handle, pages, busy in asks:
             handle.outbox.send(cpb.ChannelMessage(reclaim=cpb.ReclaimRequest(device=outcome.device, pages=pages,
                                                                              busy=busy)))
-        if asks and pending is not None:  # (a no-wait caller retries each step: no line each time)
+        if asks:
             log.info("pool of device %d short by %d pages: asked %d sessions for idle pages, %d for pages "
                      "borrowed from tenant %s's reserve", outcome.device, outcome.shortfall,
                      len(asks) - len(outcome.preempt), len(outcome.preempt), outcome.tenant)

@@ -203,10 +203,11 @@ class KVCache:
     def grow(self, slot: int, tokens: int, wait: bool = True) -> None:
         """Makes ``slot`` hold ``tokens`` tokens; a no-op (no RPC) when it already can.
 
-        Where the pool is short and the daemon asks other sessions for pages,
-        the call waits for them (up to 2 s); with ``wait=False`` it raises
-        ResourceExhausted at once instead (they are still asked: retry
-        shortly), for a worker with other work to do meanwhile.
+        Where the pool is short and the daemon asks other sessions for idle
+        pages, the call waits for them (up to 2 s); with ``wait=False`` it
+        raises ResourceExhausted at once instead (they are still asked: retry
+        shortly), for a worker with other work to do meanwhile. A tenant
+        below its reserve still waits while borrowers give pages back.
         """
         if self._pending is not None:
             self.wait()
