@@ -417,11 +417,12 @@ class PoolService:
         """Grants at once, or asks other sessions for pages and parks the call until they come back (up to
         ``reclaim_wait``).
 
-        With ``no_wait`` it asks (once per ``reclaim_wait`` per device: the asks are being served
-        meanwhile, and a caller in a loop must not flood a slow holder) and refuses at once; the caller
-        retries. Except for a tenant below its reserve that borrowers are asked to give pages back to:
-        that call still parks, since a parked grant takes the returned pages first, before the borrowers'
-        running requests grow into them again.
+        With ``no_wait``, where idle pages are to be asked for, it asks (once per ``reclaim_wait`` per
+        device: the asks are being served meanwhile, and a caller in a loop must not flood a slow holder)
+        and refuses at once; the caller retries. It still parks where only pages being cleaned are
+        awaited (milliseconds), and for a tenant below its reserve that borrowers are asked to give pages
+        back to: a parked grant takes the returned pages first, before the borrowers' running requests
+        grow into them again.
         """
         with self.lock:
             outcome = self._try_grant(s, region_id, entries)
@@ -433,10 +434,10 @@ class PoolService:
             # reserve, or pages being replaced.
             if not (asks or outcome.cleaning) or self.reclaim_wait <= 0 or s.waiting is not None or self._closing:
                 raise outcome.error()
-            if no_wait and not outcome.preempt:
+            if no_wait and asks and not outcome.preempt:
                 now = time.monotonic()
-                if not asks or now - s.asked_at.get(outcome.device, -math.inf) < self.reclaim_wait:
-                    raise outcome.error()  # (being cleaned, or asked a moment ago: those asks are being served)
+                if now - s.asked_at.get(outcome.device, -math.inf) < self.reclaim_wait:
+                    raise outcome.error()  # asked a moment ago: those asks are being served
                 s.asked_at[outcome.device], pending = now, None
             else:
                 pending = s.waiting = Pending(s, region_id, entries, time.monotonic() + self.reclaim_wait)
