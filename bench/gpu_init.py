@@ -8,6 +8,12 @@ from, where it may: vattnd.backends.nvml) and the CUDA driver's start
 (cuda.bindings import, cuInit), which the daemon then pays in its bring-up
 threads rather than before it listens. Run it in a fresh process: a driver
 started once in a process is not started again.
+
+    python bench/gpu_init.py --create 8192
+
+also creates (and releases) that many 2 MiB pages on every GPU, twice each
+way: one thread per GPU, and one thread taking the GPUs in turn (what the
+daemon's bring-up does), and prints the time per page.
 """
 import time
 
@@ -30,3 +36,63 @@ except Exception as exc:  # noqa: BLE001 - no driver library on this machine
 t5 = time.perf_counter()
 print(f"CUDA driver: import {1e3 * (t4 - t3):.0f} ms, cuInit {1e3 * (t5 - t4):.0f} ms ({err.name}), "
       f"{cu.cuDeviceGetCount()[1]} GPUs")
+
+# --create N: how fast pages can be made on every GPU at once, one thread per GPU (the daemon's bring-up)
+# against one thread taking the GPUs in turn, 256 pages at a time.
+import argparse  # noqa: E402
+import threading  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--create", type=int, default=0, help="pages of 2 MiB per GPU to create per strategy")
+args = ap.parse_args()
+if args.create:
+    count = cu.cuDeviceGetCount()[1]
+    ctx, prop = {}, {}
+    for index in range(count):
+        dev = cu.cuDeviceGet(index)[1]
+        ctx[index] = cu.cuDevicePrimaryCtxRetain(dev)[1]
+        p = cu.CUmemAllocationProp()
+        p.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        p.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        p.location.id = index
+        p.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        prop[index] = p
+    made: dict[int, list] = {i: [] for i in range(count)}
+
+    def create(index, n):
+        cu.cuCtxSetCurrent(ctx[index])
+        out = made[index]
+        for _ in range(n):
+            err, h = cu.cuMemCreate(2 << 20, prop[index], 0)
+            assert err == cu.CUresult.CUDA_SUCCESS, err
+            out.append(h)
+
+    def release():
+        t = time.perf_counter()
+        for index, hs in made.items():
+            cu.cuCtxSetCurrent(ctx[index])
+            for h in hs:
+                cu.cuMemRelease(h)
+            hs.clear()
+        return time.perf_counter() - t
+
+    def per_gpu_threads():
+        ths = [threading.Thread(target=create, args=(i, args.create)) for i in range(count)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+
+    def one_thread():
+        for _ in range(0, args.create, 256):
+            for i in range(count):
+                create(i, min(256, args.create - len(made[i])))
+
+    for name, fn in (("one thread per GPU", per_gpu_threads), ("one thread, GPUs in turn", one_thread),
+                     ("one thread per GPU", per_gpu_threads), ("one thread, GPUs in turn", one_thread)):
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        n = sum(len(v) for v in made.values())
+        print(f"create {n} pages on {count} GPUs, {name}: {dt:.2f} s ({1e6 * dt / n:.1f} us a page); "
+              f"release {release():.2f} s")

@@ -25,6 +25,7 @@ from vattn.paths import admin_path, channel_path
 from grpc_health.v1 import health_pb2
 
 from vattnd.backends import BackendUnavailable, PageBackend, open_backend
+from vattnd.bringup import BringUpFailed, create_pools
 from vattnd.calls import Dispatcher
 from vattnd.channel import ChannelServer
 from vattnd.metrics import PoolCollector, RpcMetrics
@@ -294,63 +295,23 @@ class Daemon:
             self.health.set(name, status)
 
     def _bring_up(self, t0: float) -> None:
-        """Creates every device's pages, one thread per device, in chunks usable at once."""
-        threads = [
-            threading.Thread(target=self._bring_up_device, args=(device, wanted), name=f"vattnd-bring-up-{device}")
-            for device, wanted in self._pages_wanted.items()
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if self._stopped.is_set():
+        """Creates every device's pages (:func:`vattnd.bringup.create_pools`), then turns SERVING."""
+        try:
+            complete = create_pools(self._pages_wanted, self.backend.create_pages, self.service.add_pages,
+                                    self._stopped, _BringUpLog(self), chunk=BRING_UP_CHUNK, retry_s=OOM_RETRY_S,
+                                    report_every=PROGRESS_EVERY_S)
+        except BringUpFailed as exc:  # reported to wait(), which stops the daemon
+            log.error("pool bring-up failed on %s", exc)
+            self._bring_up_error = exc.cause
+            self._stopped.set()
+            return
+        if not complete:
             return
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         pages = sum(self._pages_wanted.values())
         log.info("pool ready: %d pages in %.2f s", pages, time.monotonic() - t0)
         notify(f"READY=1\nSTATUS=serving {pages} pages on {self.config.socket}")
-
-    def _bring_up_device(self, device: int, wanted: int) -> None:
-        done = 0
-        started = last_log = time.monotonic()
-        try:
-            while done < wanted and not self._stopped.is_set():
-                count = min(BRING_UP_CHUNK, wanted - done)
-                handles = self.backend.create_pages(device, count)
-                self.service.add_pages(device, handles)
-                done += len(handles)
-                if len(handles) < count:
-                    # Out of device memory: other processes hold some, e.g. workers of
-                    # a vattnd that was killed, whose imported pages stay alive until
-                    # they let go. Serve what there is; take the rest as it frees up.
-                    if self.ready.is_set() is False:
-                        self._set_health(health_pb2.HealthCheckResponse.SERVING)
-                        self.ready.set()
-                    log.warning("device %d: out of memory after %d of %d pages (%s); the pool serves what it has "
-                                "and grows as memory frees up", device, done, wanted,
-                                format_size(done * self.config.page_size))
-                    while not self._stopped.wait(OOM_RETRY_S):
-                        handles = self.backend.create_pages(device, min(BRING_UP_CHUNK, wanted - done))
-                        if handles:
-                            self.service.add_pages(device, handles)
-                            done += len(handles)
-                            break
-                    if done >= wanted:
-                        log.info("device %d: pool complete after waiting for memory: %d pages", device, done)
-                    continue
-                if self.config.on_progress is not None:
-                    self.config.on_progress(device, done, wanted)
-                now = time.monotonic()
-                if now - last_log >= PROGRESS_EVERY_S and done < wanted:
-                    last_log = now
-                    notify(f"STATUS=device {device}: {done} of {wanted} pages ready")
-                    log.info("device %d: %d of %d pages ready (%.0f%%, %.0f pages/s)", device, done, wanted,
-                             100.0 * done / wanted, done / (now - started))
-        except BaseException as exc:  # noqa: BLE001 - reported to wait(), which stops the daemon
-            log.error("pool bring-up failed on device %d after %d of %d pages: %s", device, done, wanted, exc)
-            self._bring_up_error = exc
-            self._stopped.set()
 
     # ----- run and stop ----------------------------------------------------
     def request_stop(self) -> None:
@@ -403,3 +364,33 @@ class Daemon:
                 pass
         if self._listening:
             log.info("vattnd stopped")
+
+
+class _BringUpLog:
+    """What the bring-up tells the operator (log, systemd status) and the daemon (serve what there is)."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def short(self, device: int, done: int, wanted: int) -> None:
+        # Other processes hold device memory, e.g. workers of a vattnd that was killed, whose
+        # imported pages stay alive until they let go. Serve what there is; take the rest as it frees up.
+        d = self.daemon
+        if not d.ready.is_set():
+            d._set_health(health_pb2.HealthCheckResponse.SERVING)
+            d.ready.set()
+        log.warning("device %d: out of memory after %d of %d pages (%s); the pool serves what it has and grows as "
+                    "memory frees up", device, done, wanted, format_size(done * d.config.page_size))
+
+    def complete_after_wait(self, device: int, done: int) -> None:
+        log.info("device %d: pool complete after waiting for memory: %d pages", device, done)
+
+    def progress(self, device: int, done: int, wanted: int) -> None:
+        if self.daemon.config.on_progress is not None:
+            self.daemon.config.on_progress(device, done, wanted)
+
+    def report(self, counts, elapsed: float) -> None:
+        for device, (done, wanted) in counts.items():
+            notify(f"STATUS=device {device}: {done} of {wanted} pages ready")
+            log.info("device %d: %d of %d pages ready (%.0f%%, %.0f pages/s)", device, done, wanted,
+                     100.0 * done / wanted, done / elapsed)
