@@ -43,11 +43,11 @@ try:
     sess = pool.session
     orig = sess.step_overlapped
     split = {}
-    def spy(region_id, entries, during):
+    def spy(region_id, entries, during, *rest):
         def timed():
             t = time.perf_counter(); during(); split["map"] = time.perf_counter() - t; split["map_end"] = time.perf_counter()
         t0 = time.perf_counter()
-        r = orig(region_id, entries, timed)
+        r = orig(region_id, entries, timed, *rest)
         split["after_map"] = time.perf_counter() - split["map_end"]
         split["call_total"] = time.perf_counter() - t0
         return r
