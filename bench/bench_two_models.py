@@ -28,12 +28,11 @@ after the other:
            tenant with half of it reserved (--reserve): the busy engine
            borrows what the other does not use; once the other is refused
            for want of pages, the borrower opens no new requests with them,
-           and vattnd asks it for them: it preempts requests until they are
-           back (on_vattnd's give_back). An engine holds pages only for its
-           requests in flight
-  drain    (not run unless named in --modes) shared, but the engines do not
-           give borrowed pages back while their requests run
-           (give_back=False): they come back as those requests finish
+           and they come back to the other as the borrower's requests
+           finish. An engine holds pages only for its requests in flight
+  giveback (not run unless named in --modes) shared, but vattnd asks the
+           borrower for the pages and it preempts requests until they are
+           back (on_vattnd's give_back=True)
   unreserved  (not run unless named in --modes) the same pool with no
            reserves: each engine takes what it can
   halves   the same daemon and pool, each tenant capped at half (--quota):
@@ -160,7 +159,7 @@ def run_engine(label: str, model_name: str, mode: str, sock: str, args, barrier)
         pool = vattn.connect(sock, name=f"engine-{label}", tenant=f"engine-{label}")
         max_context = args.max_prompt + args.new + block
         switch = on_vattnd(model, pool, max_batch=args.max_batch, max_context=max_context, layout="all_layers",
-                           give_back=mode != "drain")
+                           give_back=mode == "giveback")
     row = {"engine": label, "model": model_name, "mode": mode}
     with switch as engine:
         model.generate_batch([[1, 2, 3, 4]] * 2, generation_config=GenerationConfig(
@@ -313,9 +312,9 @@ def main() -> None:
         args.gap, args.phases, args.phase = 0.5, 2, 1.5
         args.max_batch, args.batch_tokens, args.timeout = 16, 128, 120.0
     args.min_prompt, args.max_prompt = (int(x) for x in args.prompt.split("-"))
-    unknown = set(args.modes.split(",")) - {"shared", "drain", "unreserved", "halves", "stock"}
+    unknown = set(args.modes.split(",")) - {"shared", "giveback", "unreserved", "halves", "stock"}
     if unknown:
-        ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; use shared, drain, unreserved, halves, stock")
+        ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; use shared, giveback, unreserved, halves, stock")
 
     import torch
 
@@ -330,7 +329,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         half, extra = args.kv_bytes // 2, []
-        if mode in ("halves", "shared", "drain"):
+        if mode in ("halves", "shared", "giveback"):
             flag = "--quota" if mode == "halves" else "--reserve"
             extra = [flag, f"engine-A={half}", flag, f"engine-B={half}"]
         daemon = None if mode == "stock" else launch_daemon(backend, args.kv, page, *extra)

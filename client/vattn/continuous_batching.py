@@ -766,7 +766,7 @@ class VattnEngine:
     """
 
     def __init__(self, model, pool, *, max_batch: int, max_context: int | None, layout: str, keep_freed: bool,
-                 wait_s: float, decode: str, attention: str = "auto", give_back: bool = True):
+                 wait_s: float, decode: str, attention: str = "auto", give_back: bool = False):
         if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
             raise InvalidArgument(f"vattn.continuous_batching needs torch >= 2.5 (SDPA with enable_gqa), not "
                                   f"{torch.__version__}: upgrade torch")
@@ -957,7 +957,7 @@ def _check_engine_config(cb, distributed_helper) -> None:
 @contextlib.contextmanager
 def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = None, layout: str = "per_layer",
               keep_freed: bool = False, wait_s: float = 30.0, decode: str = "auto", attention: str = "auto",
-              give_back: bool = True):
+              give_back: bool = False):
     """Runs ``model``'s continuous batching on ``pool`` (a :func:`vattn.connect` pool) inside the block.
 
     ``max_batch``: requests in flight at once (one slot each; more wait).
@@ -978,10 +978,11 @@ def on_vattnd(model, pool, *, max_batch: int = 64, max_context: int | None = Non
     (default): FlashInfer where it loads and the model is on a GPU in
     float16 or bfloat16. ``give_back``: whether vattnd may ask this engine
     for pages it borrowed from another tenant's reserve while they run
-    (True, default: the region is preemptible, and the engine preempts
-    requests until they are back); with False the engine keeps them until
-    its requests finish (vattnd still lets it open no new request with pages
-    a tenant waiting for its reserve misses).
+    (True: the region is preemptible, and the engine preempts requests until
+    they are back); with False (default) the engine keeps them until its
+    requests finish (vattnd still lets it open no new request with pages a
+    tenant waiting for its reserve misses). Measured on two engines sharing
+    one GPU, preempting to give back cost more than it gained (docs/engine.md).
 
     Yields the :class:`VattnEngine` (``engine.kv``, ``engine.refusals``, ``engine.forks``).
     """
