@@ -20,6 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--reps", type=int, default=80)
+ap.add_argument("--profile", type=int, default=0, metavar="N",
+                help="then N more grows under cProfile: the functions with the most time of their own")
 args = ap.parse_args()
 
 from common import launch_daemon  # noqa: E402
@@ -45,14 +47,16 @@ try:
     split = {}
     def spy(region_id, entries, during, *rest):
         def timed():
-            t = time.perf_counter(); during(); split["map"] = time.perf_counter() - t; split["map_end"] = time.perf_counter()
+            t = time.perf_counter(); split["map_start"] = t
+            during(); split["map"] = time.perf_counter() - t; split["map_end"] = time.perf_counter()
         t0 = time.perf_counter()
         r = orig(region_id, entries, timed, *rest)
         split["after_map"] = time.perf_counter() - split["map_end"]
         split["call_total"] = time.perf_counter() - t0
         return r
     sess.step_overlapped = spy
-    rows = {k: [] for k in ("e2e", "map", "after_map", "call_total", "floor_local", "floor_imported", "floor_local2")}
+    rows = {k: [] for k in ("e2e", "before_map", "map", "after_map", "call_total", "floor_local", "floor_imported",
+                            "floor_local2")}
     for rep in range(args.reps):
         cache.wait_prefetched()
         slot = cache.alloc()
@@ -62,12 +66,26 @@ try:
         cache.free(0)
         if rep < 5: continue
         rows["e2e"].append(e2e)
+        rows["before_map"].append(split["map_start"] - t0)
         for k in ("map", "after_map", "call_total"): rows[k].append(split[k])
         floor.handles = local_handles; rows["floor_local"].append(floor.map_at(addrs))
         floor.handles = imported; rows["floor_imported"].append(floor.map_at(addrs))
         floor.handles = local_handles; rows["floor_local2"].append(floor.map_at(addrs))
     for k, v in rows.items():
         print(f"{k:16s} median {med(v)*1e3:.3f} ms  p10 {sorted(v)[len(v)//10]*1e3:.3f}")
+    if args.profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        for rep in range(args.profile):
+            cache.wait_prefetched()
+            slot = cache.alloc()
+            prof.enable()
+            cache.grow(slot, 1024)
+            prof.disable()
+            cache.free(slot)
+        print(f"cProfile of {args.profile} grows (its own overhead inflates every Python call):")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     pool.close()
 finally:
     d.stop()
