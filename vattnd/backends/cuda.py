@@ -10,11 +10,14 @@ set read-write access (:mod:`vattn.cuda_mapping`).
 
 The driver needs a current context in every thread that calls it, so each
 entry point makes the device's primary context current first. A device's
-context is retained the first time it is needed (the bring-up thread of that
-device, in practice), not at start: creating contexts costs hundreds of ms per
-GPU, and the daemon listens before the pools are built. Where NVML lists the
-GPUs (:mod:`vattnd.backends.nvml`), the driver itself (``cuInit``, about a
-second on a four-GPU node) also starts on first use, under a lock.
+context is retained the first time it is needed (the bring-up thread, in
+practice), not at start: creating contexts costs hundreds of ms per GPU, and
+the daemon listens before the pools are built. Where NVML lists the GPUs
+(:mod:`vattnd.backends.nvml`), the backend takes the driver as started
+(``cuInit``, about a second on a four-GPU node) on first use, under a lock;
+``vattnd start`` begins ``cuInit`` on a thread as it starts
+(:func:`vattn.cudadrv.start_in_background`), so that it overlaps with the
+daemon's imports.
 """
 from __future__ import annotations
 
