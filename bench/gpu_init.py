@@ -5,8 +5,8 @@
 
 Prints NVML's start, count and memory query (what the daemon sizes its pools
 from, where it may: vattnd.backends.nvml) and the CUDA driver's start
-(cuda.bindings import, cuInit), which the daemon then pays in its bring-up
-threads rather than before it listens. Run it in a fresh process: a driver
+(cuda.bindings import, cuInit), which the daemon pays while it loads and
+builds its pools rather than before it listens. Run it in a fresh process: a driver
 started once in a process is not started again.
 
     python bench/gpu_init.py --create 8192
@@ -37,8 +37,8 @@ t5 = time.perf_counter()
 print(f"CUDA driver: import {1e3 * (t4 - t3):.0f} ms, cuInit {1e3 * (t5 - t4):.0f} ms ({err.name}), "
       f"{cu.cuDeviceGetCount()[1]} GPUs")
 
-# --create N: how fast pages can be made on every GPU at once, one thread per GPU (the daemon's bring-up)
-# against one thread taking the GPUs in turn, 256 pages at a time.
+# --create N: how fast pages can be made on every GPU at once, one thread per GPU (the daemon's bring-up until
+# 2026-11-26) against one thread taking the GPUs in turn, 256 pages at a time (the daemon's bring-up since).
 import argparse  # noqa: E402
 import threading  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a prefetched 64-page grow's time goes on CUDA, against the driver floor.
 
-    python bench/split_grow.py [--reps 80]
+    python bench/split_grow.py [--reps 80] [--profile 40]
 
 Starts its own daemon (16 GiB of 2 MiB pages on GPU 0), grows one slot of a
 32-layer region by one page per tensor on prefetched spares, and splits each

@@ -16,7 +16,6 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
@@ -80,7 +79,6 @@ class Config:
     client_timeout: float = 5.0
     max_connections_per_uid: int = 512
     rpc_threads: int = 16
-    on_progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
 
 
 def raise_nofile_limit(needed: int, as_high_as_allowed: bool = False) -> int:
@@ -302,7 +300,7 @@ class Daemon:
                                     report_every=PROGRESS_EVERY_S)
         except BringUpFailed as exc:  # reported to wait(), which stops the daemon
             log.error("pool bring-up failed on %s", exc)
-            self._bring_up_error = exc.cause
+            self._bring_up_error = exc
             self._stopped.set()
             return
         if not complete:
@@ -385,12 +383,9 @@ class _BringUpLog:
     def complete_after_wait(self, device: int, done: int) -> None:
         log.info("device %d: pool complete after waiting for memory: %d pages", device, done)
 
-    def progress(self, device: int, done: int, wanted: int) -> None:
-        if self.daemon.config.on_progress is not None:
-            self.daemon.config.on_progress(device, done, wanted)
-
     def report(self, counts, elapsed: float) -> None:
         for device, (done, wanted) in counts.items():
-            notify(f"STATUS=device {device}: {done} of {wanted} pages ready")
             log.info("device %d: %d of %d pages ready (%.0f%%, %.0f pages/s)", device, done, wanted,
                      100.0 * done / wanted, done / elapsed)
+        notify("STATUS=" + ", ".join(f"device {device}: {done} of {wanted} pages ready"
+                                     for device, (done, wanted) in counts.items()))

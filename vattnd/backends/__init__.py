@@ -17,7 +17,7 @@ def open_backend(kind: str, page_size: int, devices: Sequence[int] | None = None
     """Opens the named backend; ``auto`` is cuda where a GPU is usable, else host.
 
     Where NVML lists the GPUs as CUDA will see them (see :mod:`vattnd.backends.nvml`), the CUDA backend
-    is returned without starting the driver: the bring-up threads start it. A driver that then fails
+    is returned without waiting for the driver: the bring-up starts it (or finds it started). A driver that then fails
     fails the bring-up (the daemon stops with the reason), rather than this call.
     """
     from vattnd.backends.host import HostBackend

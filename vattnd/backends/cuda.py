@@ -46,7 +46,7 @@ class CudaBackend:
     def __init__(self, page_size: int, devices: Sequence[int] | None = None,
                  known: Sequence[DeviceInfo] | None = None):
         """``known``: every GPU of the node as CUDA numbers them (from :func:`vattnd.backends.nvml.quick_gpus`);
-        then the driver starts on first use (the bring-up threads), not here. Without it, here."""
+        then the driver starts on first use (the bring-up), not here. Without it, here."""
         self.page_size = page_size
         self.cu = None  # the driver module, once started
         self._lock = threading.Lock()
