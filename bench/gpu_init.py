@@ -9,7 +9,7 @@ from, where it may: vattnd.backends.nvml) and the CUDA driver's start
 builds its pools rather than before it listens. Run it in a fresh process: a driver
 started once in a process is not started again.
 
-    python bench/gpu_init.py --create 8192
+    python bench/gpu_init.py --create 8192 [--order threads,one,threads,one]
 
 also creates (and releases) that many 2 MiB pages on every GPU, twice each
 way: one thread per GPU, and one thread taking the GPUs in turn (what the
@@ -44,6 +44,9 @@ import threading  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--create", type=int, default=0, help="pages of 2 MiB per GPU to create per strategy")
+ap.add_argument("--order", default="threads,one,threads,one",
+                help="the passes, in order: threads (one thread per GPU) or one (one thread, GPUs in turn); "
+                     "e.g. one,one to see whether memory never allocated since boot is slower the first time")
 args = ap.parse_args()
 if args.create:
     count = cu.cuDeviceGetCount()[1]
@@ -88,8 +91,8 @@ if args.create:
             for i in range(count):
                 create(i, min(256, args.create - len(made[i])))
 
-    for name, fn in (("one thread per GPU", per_gpu_threads), ("one thread, GPUs in turn", one_thread),
-                     ("one thread per GPU", per_gpu_threads), ("one thread, GPUs in turn", one_thread)):
+    strategies = {"threads": ("one thread per GPU", per_gpu_threads), "one": ("one thread, GPUs in turn", one_thread)}
+    for name, fn in (strategies[k] for k in args.order.split(",")):
         t = time.perf_counter()
         fn()
         dt = time.perf_counter() - t
