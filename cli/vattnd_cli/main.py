@@ -170,10 +170,6 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
     handler.setFormatter(JsonFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
-    if backend in ("auto", "cuda"):  # the driver starts while the daemon's modules load
-        from vattn.cudadrv import start_in_background
-
-        start_in_background()
     from vattnd.daemon import Config, Daemon, StartupError
 
     config = Config(

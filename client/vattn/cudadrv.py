@@ -1,8 +1,6 @@
 """Loading the CUDA driver through cuda-bindings, shared by the daemon and the client."""
 from __future__ import annotations
 
-import threading
-
 
 class CudaUnavailable(RuntimeError):
     """No usable CUDA driver or GPU in this process."""
@@ -29,22 +27,6 @@ def load_driver():
     if err != cu.CUresult.CUDA_SUCCESS:
         raise CudaUnavailable(f"cuInit failed: {err.name}")
     return cu
-
-
-def start_in_background() -> threading.Thread:
-    """Starts the CUDA driver (``cuInit``, about a second on a node of GPUs) on a daemon thread, to overlap with
-    what the process does meanwhile (the daemon's imports); a later :func:`load_driver` finds it started or
-    waits for it. Whatever fails here is left for :func:`load_driver` to report."""
-
-    def run() -> None:
-        try:
-            load_driver()
-        except Exception:  # noqa: BLE001 - reported by the caller's own load_driver()
-            pass
-
-    thread = threading.Thread(target=run, name="cuda-init", daemon=True)
-    thread.start()
-    return thread
 
 
 def check(cu, result, what: str):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import pytest
 
@@ -65,24 +64,3 @@ def test_a_cuda_backend_sized_from_nvml_reports_its_drivers_first_failure_and_cl
         backend.export_pages(0, [])
     assert again.value is first.value
     backend.close()
-
-
-def test_the_driver_started_in_the_background_fails_silently_and_load_driver_still_says_why():
-    """`vattnd start` (auto or cuda) starts cuInit on a thread while the daemon's modules load. Where the driver
-    cannot start, that thread ends quietly and the daemon's own load_driver() reports the reason; where it can,
-    load_driver() finds it started."""
-    from vattn.cudadrv import CudaUnavailable, gpu_count, load_driver, start_in_background
-
-    errors = []
-    previous, threading.excepthook = threading.excepthook, errors.append
-    try:
-        thread = start_in_background()
-        thread.join(30)
-    finally:
-        threading.excepthook = previous
-    assert not thread.is_alive() and errors == []
-    if gpu_count():
-        assert load_driver() is not None
-    else:
-        with pytest.raises(CudaUnavailable):
-            load_driver()

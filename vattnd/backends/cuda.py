@@ -11,19 +11,22 @@ set read-write access (:mod:`vattn.cuda_mapping`).
 The driver needs a current context in every thread that calls it, so each
 entry point makes the device's primary context current first. A device's
 context is retained the first time it is needed (the bring-up thread, in
-practice), not at start: creating contexts costs hundreds of ms per GPU, and
-the daemon listens before the pools are built. Where NVML lists the GPUs
-(:mod:`vattnd.backends.nvml`), the backend takes the driver as started
-(``cuInit``, about a second on a four-GPU node) on first use, under a lock;
-``vattnd start`` begins ``cuInit`` on a thread as it starts
-(:func:`vattn.cudadrv.start_in_background`), so that it overlaps with the
-daemon's imports.
+practice), not at start: retaining one costs 100-150 ms per GPU, one GPU at
+a time (the driver serializes them: threads do not help), and the daemon
+listens before the pools are built. Creating pages with no context current
+works (driver 580) but cost 30-34 us a page against 22 us with the context
+current, so the bring-up retains them first. Where NVML lists the GPUs
+(:mod:`vattnd.backends.nvml`), the driver itself (``cuInit``, 0.5-1.1 s on
+a four-GPU node) also starts on first use, under a lock, after the daemon
+listens. (Started on a thread while the daemon loads, it held the daemon's
+start-up back by as long: it does not overlap.)
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from typing import Sequence
 
 from vattn.cudadrv import CudaUnavailable, check, import_driver, load_driver
@@ -86,12 +89,14 @@ class CudaBackend:
                 if self._open_error is not None:
                     raise self._open_error
                 if self.cu is None:
+                    started = time.monotonic()
                     try:
                         self._open()
                     except BaseException as exc:
                         self._open_error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(
                             f"the CUDA driver could not start: {exc}")
                         raise self._open_error from None
+                    log.info("CUDA driver ready for the bring-up after %.0f ms", (time.monotonic() - started) * 1e3)
                 cu = self.cu
         return cu
 
@@ -156,8 +161,11 @@ class CudaBackend:
             with self._ctx_locks[device]:
                 ctx = self._ctx.get(device)
                 if ctx is None:
+                    started = time.monotonic()
                     ctx = self._ctx[device] = check(self.cu, self.cu.cuDevicePrimaryCtxRetain(self._dev[device]),
                                                     "cuDevicePrimaryCtxRetain")
+                    log.info("device %d: primary context retained in %.0f ms", device,
+                             (time.monotonic() - started) * 1e3)
         check(self.cu, self.cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
     def create_pages(self, device: int, count: int) -> list:
