@@ -9,11 +9,13 @@ from, where it may: vattnd.backends.nvml) and the CUDA driver's start
 builds its pools rather than before it listens. Run it in a fresh process: a driver
 started once in a process is not started again.
 
-    python bench/gpu_init.py --create 8192 [--order threads,one,threads,one]
+    python bench/gpu_init.py --create 8192 [--order threads,one,threads,one] [--contexts threads]
 
 also creates (and releases) that many 2 MiB pages on every GPU, twice each
 way: one thread per GPU, and one thread taking the GPUs in turn (what the
-daemon's bring-up does), and prints the time per page.
+daemon's bring-up does), and prints the time per page; first it retains every
+GPU's primary context (one after another, or one thread per GPU with
+``--contexts threads``) and prints what each took.
 """
 import time
 
@@ -36,6 +38,24 @@ except Exception as exc:  # noqa: BLE001 - no driver library on this machine
 t5 = time.perf_counter()
 print(f"CUDA driver: import {1e3 * (t4 - t3):.0f} ms, cuInit {1e3 * (t5 - t4):.0f} ms ({err.name}), "
       f"{cu.cuDeviceGetCount()[1]} GPUs")
+# What the daemon's CUDA backend asks of each GPU once the driver runs, before any context exists.
+spent = {"name and memory": 0.0, "allocation granularity": 0.0}
+for index in range(cu.cuDeviceGetCount()[1]):
+    t = time.perf_counter()
+    dev = cu.cuDeviceGet(index)[1]
+    cu.cuDeviceGetName(256, dev), cu.cuDeviceTotalMem(dev)
+    t1_ = time.perf_counter()
+    q = cu.CUmemAllocationProp()
+    q.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    q.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    q.location.id = index
+    q.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    g = cu.cuMemGetAllocationGranularity(q, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
+    t2_ = time.perf_counter()
+    spent["name and memory"] += t1_ - t
+    spent["allocation granularity"] += t2_ - t1_
+print("device queries, every GPU: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in spent.items())
+      + f" (granularity {g[0].name}, {g[1]} bytes)")
 
 # --create N: how fast pages can be made on every GPU at once, one thread per GPU (the daemon's bring-up until
 # 2026-11-26) against one thread taking the GPUs in turn, 256 pages at a time (the daemon's bring-up since).
@@ -44,16 +64,34 @@ import threading  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--create", type=int, default=0, help="pages of 2 MiB per GPU to create per strategy")
+ap.add_argument("--contexts", choices=("serial", "threads"), default="serial",
+                help="retain the GPUs' primary contexts one after another, or one thread per GPU at once")
 ap.add_argument("--order", default="threads,one,threads,one",
                 help="the passes, in order: threads (one thread per GPU) or one (one thread, GPUs in turn); "
                      "e.g. one,one to see whether memory never allocated since boot is slower the first time")
 args = ap.parse_args()
 if args.create:
     count = cu.cuDeviceGetCount()[1]
-    ctx, prop = {}, {}
+    ctx, prop, took = {}, {}, {}
+
+    def retain(index):
+        t = time.perf_counter()
+        ctx[index] = cu.cuDevicePrimaryCtxRetain(cu.cuDeviceGet(index)[1])[1]
+        took[index] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if args.contexts == "threads":
+        ths = [threading.Thread(target=retain, args=(i,)) for i in range(count)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    else:
+        for index in range(count):
+            retain(index)
+    print(f"primary contexts, {args.contexts}: {1e3 * (time.perf_counter() - t):.0f} ms for {count} GPUs "
+          f"({', '.join(f'{1e3 * took[i]:.0f}' for i in range(count))} ms each)")
     for index in range(count):
-        dev = cu.cuDeviceGet(index)[1]
-        ctx[index] = cu.cuDevicePrimaryCtxRetain(dev)[1]
         p = cu.CUmemAllocationProp()
         p.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         p.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -86,10 +124,15 @@ if args.create:
         for th in ths:
             th.join()
 
+    rounds: list[float] = []  # one_thread: when each round (256 pages per GPU) ended
+
     def one_thread():
+        rounds.clear()
+        rounds.append(time.perf_counter())
         for _ in range(0, args.create, 256):
             for i in range(count):
                 create(i, min(256, args.create - len(made[i])))
+            rounds.append(time.perf_counter())
 
     strategies = {"threads": ("one thread per GPU", per_gpu_threads), "one": ("one thread, GPUs in turn", one_thread)}
     for name, fn in (strategies[k] for k in args.order.split(",")):
@@ -97,5 +140,11 @@ if args.create:
         fn()
         dt = time.perf_counter() - t
         n = sum(len(v) for v in made.values())
-        print(f"create {n} pages on {count} GPUs, {name}: {dt:.2f} s ({1e6 * dt / n:.1f} us a page); "
+        quarters = ""
+        if fn is one_thread and len(rounds) >= 5:  # does a page cost more as the GPU fills?
+            q = (len(rounds) - 1) // 4
+            per = 256 * count * q
+            quarters = "; by quarter " + " / ".join(
+                f"{1e6 * (rounds[(k + 1) * q] - rounds[k * q]) / per:.1f}" for k in range(4)) + " us"
+        print(f"create {n} pages on {count} GPUs, {name}: {dt:.2f} s ({1e6 * dt / n:.1f} us a page{quarters}); "
               f"release {release():.2f} s")
