@@ -46,6 +46,7 @@ MODELS = {
     # name: (layers, hidden, heads, kv heads, head dim, intermediate, vocab)
     "1b": (16, 2048, 32, 8, 64, 8192, 128256),
     "3b": (28, 3072, 24, 8, 128, 8192, 128256),
+    "8b": (32, 4096, 32, 8, 128, 14336, 128256),  # Llama-3-8B's shapes
     "tiny": (2, 128, 4, 2, 32, 256, 512),
 }
 
