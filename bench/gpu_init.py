@@ -9,13 +9,14 @@ from, where it may: vattnd.backends.nvml) and the CUDA driver's start
 builds its pools rather than before it listens. Run it in a fresh process: a driver
 started once in a process is not started again.
 
-    python bench/gpu_init.py --create 8192 [--order threads,one,threads,one] [--contexts threads]
+    python bench/gpu_init.py --create 8192 [--order threads,one,threads,one] [--contexts threads|first]
 
 also creates (and releases) that many 2 MiB pages on every GPU, twice each
 way: one thread per GPU, and one thread taking the GPUs in turn (what the
 daemon's bring-up does), and prints the time per page; first it retains every
 GPU's primary context (one after another, or one thread per GPU with
-``--contexts threads``) and prints what each took.
+``--contexts threads``; only GPU 0's with ``--contexts first``, current for
+every GPU's pages) and prints what each took.
 """
 import time
 
@@ -64,8 +65,9 @@ import threading  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--create", type=int, default=0, help="pages of 2 MiB per GPU to create per strategy")
-ap.add_argument("--contexts", choices=("serial", "threads"), default="serial",
-                help="retain the GPUs' primary contexts one after another, or one thread per GPU at once")
+ap.add_argument("--contexts", choices=("serial", "threads", "first"), default="serial",
+                help="retain the GPUs' primary contexts one after another, or one thread per GPU at once, or only "
+                     "GPU 0's (then every GPU's pages are created with GPU 0's context current)")
 ap.add_argument("--order", default="threads,one,threads,one",
                 help="the passes, in order: threads (one thread per GPU) or one (one thread, GPUs in turn); "
                      "e.g. one,one to see whether memory never allocated since boot is slower the first time")
@@ -80,7 +82,11 @@ if args.create:
         took[index] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if args.contexts == "threads":
+    if args.contexts == "first":
+        retain(0)
+        for index in range(1, count):
+            ctx[index], took[index] = ctx[0], 0.0
+    elif args.contexts == "threads":
         ths = [threading.Thread(target=retain, args=(i,)) for i in range(count)]
         for th in ths:
             th.start()
