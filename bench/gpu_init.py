@@ -39,24 +39,31 @@ except Exception as exc:  # noqa: BLE001 - no driver library on this machine
 t5 = time.perf_counter()
 print(f"CUDA driver: import {1e3 * (t4 - t3):.0f} ms, cuInit {1e3 * (t5 - t4):.0f} ms ({err.name}), "
       f"{cu.cuDeviceGetCount()[1]} GPUs")
+
+
+def page_prop(index: int):
+    """The allocation properties of a 2 MiB page on GPU ``index``, as the daemon's CUDA backend sets them."""
+    p = cu.CUmemAllocationProp()
+    p.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    p.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    p.location.id = index
+    p.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    return p
+
+
 # What the daemon's CUDA backend asks of each GPU once the driver runs, before any context exists.
-spent = {"name and memory": 0.0, "allocation granularity": 0.0}
+names_s = granularity_s = 0.0
+granularity = None
 for index in range(cu.cuDeviceGetCount()[1]):
     t = time.perf_counter()
     dev = cu.cuDeviceGet(index)[1]
     cu.cuDeviceGetName(256, dev), cu.cuDeviceTotalMem(dev)
-    t1_ = time.perf_counter()
-    q = cu.CUmemAllocationProp()
-    q.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    q.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    q.location.id = index
-    q.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-    g = cu.cuMemGetAllocationGranularity(q, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
-    t2_ = time.perf_counter()
-    spent["name and memory"] += t1_ - t
-    spent["allocation granularity"] += t2_ - t1_
-print("device queries, every GPU: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in spent.items())
-      + f" (granularity {g[0].name}, {g[1]} bytes)")
+    t_mid = time.perf_counter()
+    granularity = cu.cuMemGetAllocationGranularity(
+        page_prop(index), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
+    names_s, granularity_s = names_s + t_mid - t, granularity_s + time.perf_counter() - t_mid
+print(f"device queries, every GPU: name and memory {1e3 * names_s:.0f} ms, allocation granularity "
+      f"{1e3 * granularity_s:.0f} ms" + (f" ({granularity[0].name}, {granularity[1]} bytes)" if granularity else ""))
 
 # --create N: how fast pages can be made on every GPU at once, one thread per GPU (the daemon's bring-up until
 # 2026-11-26) against one thread taking the GPUs in turn, 256 pages at a time (the daemon's bring-up since).
@@ -97,13 +104,7 @@ if args.create:
             retain(index)
     print(f"primary contexts, {args.contexts}: {1e3 * (time.perf_counter() - t):.0f} ms for {count} GPUs "
           f"({', '.join(f'{1e3 * took[i]:.0f}' for i in range(count))} ms each)")
-    for index in range(count):
-        p = cu.CUmemAllocationProp()
-        p.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        p.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        p.location.id = index
-        p.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-        prop[index] = p
+    prop.update((index, page_prop(index)) for index in range(count))
     made: dict[int, list] = {i: [] for i in range(count)}
 
     def create(index, n):

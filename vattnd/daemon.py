@@ -294,14 +294,14 @@ class Daemon:
 
     def _bring_up(self, t0: float) -> None:
         """Creates every device's pages (:func:`vattnd.bringup.create_pools`), then turns SERVING."""
-        creating = [0.0]  # seconds spent in the backend's create_pages (the first call on a device starts it)
+        creating = 0.0  # seconds spent in the backend's create_pages (the first call on a device starts it)
 
         def create(device: int, count: int):
+            nonlocal creating
             started = time.monotonic()
-            try:
-                return self.backend.create_pages(device, count)
-            finally:
-                creating[0] += time.monotonic() - started
+            handles = self.backend.create_pages(device, count)
+            creating += time.monotonic() - started
+            return handles
 
         try:
             complete = create_pools(self._pages_wanted, create, self.service.add_pages,
@@ -318,7 +318,7 @@ class Daemon:
         self.ready.set()
         pages = sum(self._pages_wanted.values())
         log.info("pool ready: %d pages in %.2f s (%.2f s of it creating them, %.1f us a page)", pages,
-                 time.monotonic() - t0, creating[0], creating[0] / max(pages, 1) * 1e6)
+                 time.monotonic() - t0, creating, creating / max(pages, 1) * 1e6)
         notify(f"READY=1\nSTATUS=serving {pages} pages on {self.config.socket}")
 
     # ----- run and stop ----------------------------------------------------
