@@ -40,19 +40,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--poll-ms", type=float, default=0.0,
+                    help="ask health every this many ms until SERVING (default: watch it; see common.launch_timed)")
+    ap.add_argument("--cuda-first", action="store_true",
+                    help="start CUDA in this process before the daemon (torch counting the GPUs, as this bench did "
+                         "until 2026-11-27), to see what a process already holding the driver costs the daemon")
     args = ap.parse_args()
 
-    import torch
+    # The daemon first, so that it is the machine's first process to start the CUDA driver, as on a node
+    # (torch, imported before, would start it here to count the GPUs).
+    if args.cuda_first:
+        import torch
+
+        torch.cuda.device_count()
+    folder = tempfile.mkdtemp(prefix="vattnd-node-", dir="/tmp")
+    proc, sock, _, first_rpc, ready = launch_timed(folder, "--backend", "cuda", "--page-size", "2MiB",
+                                                   "--metrics-port", "-1", poll_ms=args.poll_ms)
+    files = len(os.listdir(f"/proc/{proc.pid}/fd"))
 
     from tests.integration import workers
     from vattn.session import stats
 
-    gpus = torch.cuda.device_count()
-    folder = tempfile.mkdtemp(prefix="vattnd-node-", dir="/tmp")
-    proc, sock, _, first_rpc, ready = launch_timed(folder, "--backend", "cuda", "--page-size", "2MiB",
-                                                   "--metrics-port", "-1")
-    files = len(os.listdir(f"/proc/{proc.pid}/fd"))
     pools = stats(sock).pools
+    gpus = len(pools)
     try:
         result = SPAWN.Queue()
         churners = [SPAWN.Process(target=workers.churn, args=(sock, 50 + g, 40, result, g)) for g in range(gpus)]
@@ -90,7 +100,9 @@ def main() -> None:
              f"| pools | {', '.join(str(p.pages_total) for p in pools)} pages of 2 MiB "
              f"({sum(p.pages_total for p in pools)} in all) |",
              f"| first RPC answered after `vattnd start` | {first_rpc * 1e3:.0f} ms |",
-             f"| every pool complete (SERVING) | {ready:.2f} s |",
+             f"| every pool complete (SERVING{f', health asked every {args.poll_ms:g} ms' if args.poll_ms else ''}"
+             f"{', CUDA started in the bench first' if args.cuda_first else ''}) "
+             f"| {ready:.2f} s |",
              f"| the daemon's open files, then | {files} |",
              f"| engine grows (16-128 pages, 4 processes, beside a churn worker per GPU): p50 / p99 | "
              f"{statistics.median(grows) * 1e3:.2f} / {pct(grows, 0.99) * 1e3:.2f} ms ({len(grows)} grows) |",

@@ -54,12 +54,19 @@ def launch_daemon(backend: str, pool_size: str, page_size: str, *extra: str, wai
     return daemon
 
 
-def launch_timed(folder: str, *flags: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str, float, float]:
+def launch_timed(folder: str, *flags: str, timeout: float = 300.0,
+                 poll_ms: float = 0.0) -> tuple[subprocess.Popen, str, str, float, float]:
     """Starts ``vattnd start --socket FOLDER/vattnd.sock FLAGS`` and times its start-up.
 
     Returns (process, socket, log path, seconds until the first RPC was
-    answered, seconds until health said SERVING). gRPC reconnects at once
-    here: its default backoff (1 s) would hide the real times.
+    answered, seconds until health said SERVING). Until the first answer it
+    tries every millisecond (gRPC reconnects at once here: its default
+    backoff, 1 s, would hide the real times); then it watches the pool's
+    health (``Health.Watch``: the daemon sends the change when it happens), so
+    the daemon builds its pools unbothered, as it would on a node. With
+    ``poll_ms`` it calls ``Health.Check`` that often instead (how this was
+    measured until 2026-11-27: every call takes the daemon's interpreter from
+    the bring-up for a while).
     """
     import time
 
@@ -79,24 +86,40 @@ def launch_timed(folder: str, *flags: str, timeout: float = 300.0) -> tuple[subp
             ("grpc.max_reconnect_backoff_ms", 5)]
     channel = grpc.insecure_channel(f"unix:{sock}", options=fast)
     stub, health = pb_grpc.PoolStub(channel), health_pb2_grpc.HealthStub(channel)
+    pool = health_pb2.HealthCheckRequest(service="vattn.v1.Pool")
+    serving = health_pb2.HealthCheckResponse.SERVING
     first_rpc = ready = None
+
+    def left() -> float:
+        if proc.poll() is not None:
+            raise SystemExit(open(log_path).read())
+        remaining = timeout - (time.perf_counter() - t0)
+        if remaining <= 0:
+            proc.terminate()
+            raise SystemExit(f"daemon not ready after {timeout:.0f} s")
+        return remaining
+
     try:
-        while ready is None:
-            if proc.poll() is not None:
-                raise SystemExit(open(log_path).read())
+        while first_rpc is None:
             try:
-                if first_rpc is None:
-                    stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
-                    first_rpc = time.perf_counter() - t0
-                status = health.Check(health_pb2.HealthCheckRequest(service="vattn.v1.Pool"), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    ready = time.perf_counter() - t0
+                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1)
+                first_rpc = time.perf_counter() - t0
             except grpc.RpcError:
-                pass
-            time.sleep(0.001)
-            if time.perf_counter() - t0 > timeout:
-                proc.terminate()
-                raise SystemExit(f"daemon not ready after {timeout:.0f} s")
+                time.sleep(0.001)
+                left()
+        while ready is None and poll_ms:
+            if health.Check(pool, timeout=min(1.0, left())).status == serving:
+                ready = time.perf_counter() - t0
+            else:
+                time.sleep(poll_ms / 1e3)
+        while ready is None:
+            try:
+                for answer in health.Watch(pool, timeout=left()):
+                    if answer.status == serving:
+                        ready = time.perf_counter() - t0
+                        break
+            except grpc.RpcError:
+                left()  # the daemon stopped (its log), or the time is up; else watch again
     finally:
         channel.close()
     return proc, sock, log_path, first_rpc, ready
