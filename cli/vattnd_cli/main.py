@@ -166,6 +166,9 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
           quotas, reserves, priorities, tenant_uids, socket_group, admin_group, reuse_pages, client_timeout,
           max_connections_per_uid) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    from vattnd.backends import start_early
+
+    start_early(backend)  # first: the CUDA driver loads (0.5-1 s) while the daemon imports and listens
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -281,7 +281,8 @@ def test_gpu_pages_leaving_a_session_arrive_zeroed(short_tmp):
 def test_nvml_lists_the_gpus_as_the_cuda_driver_does_and_a_daemon_sized_from_it_serves(short_tmp):
     """Where the daemon sizes its pools from NVML, NVML's GPUs are CUDA's, index for index (names, and
     memory within 1%: exact where NVML says what the driver reserves); such a daemon
-    starts the driver in its bring-up (after it listens), builds its pools and serves grows."""
+    starts the driver on a thread from its first moment, waits for it in its bring-up (after it listens),
+    builds its pools and serves grows."""
     from vattn.cudadrv import check, load_driver
     from vattnd.backends.nvml import quick_gpus
 
@@ -307,6 +308,8 @@ def test_nvml_lists_the_gpus_as_the_cuda_driver_does_and_a_daemon_sized_from_it_
             assert torch.all(cache.k[1][slot] == 3.0)
             cache.free(slot)
         assert d.stats().pools[0].pages_total == 512
+        # `vattnd start` began loading the driver on a thread before anything else; the bring-up waited for it.
+        assert "cuInit had taken" in d.log()
     finally:
         assert d.stop() == 0, d.log()
 

@@ -16,10 +16,12 @@ a time (the driver serializes them: threads do not help), and the daemon
 listens before the pools are built. Creating pages with no context current
 works (driver 580) but cost 30-34 us a page against 22 us with the context
 current, so the bring-up retains them first. Where NVML lists the GPUs
-(:mod:`vattnd.backends.nvml`), the driver itself (``cuInit``, 0.5-1.1 s on
-a four-GPU node) also starts on first use, under a lock, after the daemon
-listens. (Started on a thread while the daemon loads, it held the daemon's
-start-up back by as long: it does not overlap.)
+(:mod:`vattnd.backends.nvml`), the backend's driver calls start on first use,
+under a lock, after the daemon listens; ``cuInit`` itself (0.5-1.1 s on a
+four-GPU node) has been running since ``vattnd start``'s first moment, on a
+thread that calls it through ctypes (:func:`start_driver_early`), and the
+first use waits for it. (Through cuda-bindings on a thread it held the
+daemon's start-up back by as long as it took.)
 """
 from __future__ import annotations
 
@@ -33,6 +35,55 @@ from vattn.cudadrv import CudaUnavailable, check, import_driver, load_driver
 from vattnd.backends.base import BackendUnavailable, DeviceInfo
 
 log = logging.getLogger(__name__)
+
+class _EarlyStart:
+    """``cuInit`` on a thread from the moment ``vattnd start`` knows it may serve GPUs, through ctypes."""
+
+    def __init__(self) -> None:
+        self.result: int | None = None  # cuInit's CUresult; None if libcuda could not be loaded
+        self.took = 0.0
+        # Not a daemon thread: a daemon that stops at once (a bad flag) exits only once cuInit is back, never
+        # while the driver is half loaded.
+        self.thread = threading.Thread(target=self._run, name="vattnd-cuinit")
+        self.thread.start()
+
+    def _run(self) -> None:
+        import ctypes
+
+        started = time.monotonic()
+        try:
+            self.result = ctypes.CDLL("libcuda.so.1").cuInit(0)
+        except Exception:  # noqa: BLE001 - no driver library: load_driver says so later, in its words
+            pass
+        self.took = time.monotonic() - started
+
+
+_early: _EarlyStart | None = None
+
+
+def start_driver_early() -> None:
+    """Starts loading the CUDA driver now, on a thread, while the daemon imports and builds the rest.
+
+    ``cuInit`` takes 0.5-1.1 s on a four-GPU node. Called through ctypes, it
+    lets go of the interpreter for all that time, so the daemon's imports and
+    its listening go on beside it (through cuda-bindings, on a thread, it held
+    the daemon's start back by as long: docs/benchmarks.md). NVML, asked
+    meanwhile, would wait for it: :func:`vattnd.backends.start_early` asks
+    NVML first. The backend waits
+    for it before its first driver call; cuda-bindings then finds the driver
+    started. Harmless where there is no driver library or GPU: the backend's
+    own start reports that as before.
+    """
+    global _early
+    if _early is None:
+        _early = _EarlyStart()
+
+
+def _wait_early_start() -> None:
+    early = _early
+    if early is not None and early.thread.is_alive():
+        early.thread.join()
+
 
 # cuMemGetAllocationGranularity's answer for device memory on every NVIDIA GPU so far (checked again once
 # the driver runs).
@@ -96,11 +147,15 @@ class CudaBackend:
                         self._open_error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(
                             f"the CUDA driver could not start: {exc}")
                         raise self._open_error from None
-                    log.info("CUDA driver ready for the bring-up after %.0f ms", (time.monotonic() - started) * 1e3)
+                    early = "" if _early is None else f" (cuInit had taken {_early.took * 1e3:.0f} ms on a thread " \
+                        "from the start)"
+                    log.info("CUDA driver ready for the bring-up after %.0f ms%s", (time.monotonic() - started) * 1e3,
+                             early)
                 cu = self.cu
         return cu
 
     def _open(self) -> None:
+        _wait_early_start()
         try:
             cu = load_driver()
         except CudaUnavailable as exc:
