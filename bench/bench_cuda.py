@@ -35,6 +35,23 @@ SPREAD = 1 << 30  # bytes reserved per range in the "spread" floor
 WARMUP = 3  # grows of each cache not counted: the first import its first spares
 
 
+def daemon_exports(metrics_url: str):
+    """A function that reads the daemon's vattnd_page_fds_exported_total."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> float:
+        with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as resp:
+            for family in text_string_to_metric_families(resp.read().decode()):
+                for sample in family.samples:
+                    if sample.name == "vattnd_page_fds_exported_total":
+                        return sample.value
+        raise SystemExit("the daemon has no vattnd_page_fds_exported_total metric")
+
+    return read
+
+
 def med(xs):
     return statistics.median(xs)
 
@@ -44,13 +61,13 @@ def p90(xs):
     return xs[int(0.9 * (len(xs) - 1))]
 
 
-def start_daemon(pool_size: str, page_size: int, folder: str):
+def start_daemon(pool_size: str, page_size: int, folder: str, metrics: bool = False):
     """A CUDA daemon on GPU 0, timed: (process, socket, log path, first RPC s, SERVING s, pages of GPU 0)."""
     from vattn.session import stats
 
     proc, sock, log_path, first_rpc, ready = launch_timed(
         folder, "--backend", "cuda", "--devices", "0", "--pool-size", pool_size, "--page-size", str(page_size),
-        "--metrics-port", "-1")
+        "--metrics-port", "0" if metrics else "-1", "--metrics-host", "127.0.0.1")
     return proc, sock, log_path, first_rpc, ready, stats(sock).pools[0].pages_total
 
 
@@ -183,7 +200,8 @@ def main() -> None:
             "",
         ]
     folder = tempfile.mkdtemp(prefix="vattnd-bench-", dir="/tmp")
-    proc, sock, log, *_ = start_daemon("8GiB", PAGE, folder)
+    proc, sock, log, *_ = start_daemon("8GiB", PAGE, folder, metrics=True)
+    exports: dict[tuple[int, str], float] = {}  # (pages per grow, mode) -> fds the daemon exported per grow
     try:
         attach = []
         for _ in range(10):
@@ -197,6 +215,7 @@ def main() -> None:
                   f"{med(attach) * 1e3:.2f} ms, p90 {p90(attach) * 1e3:.2f} ms", ""]
 
         pool = vattn.connect(sock)
+        exported = daemon_exports(pool.info.metrics_url)
         rows = []
         for layers, per_tensor in ((1, 1), (32, 1), (32, 8)):
             n = 2 * layers * per_tensor
@@ -210,7 +229,10 @@ def main() -> None:
                 addrs = (cache.page_addresses(0, 0, per_tensor) if hasattr(cache, "page_addresses")
                          else cache._addrs([(0, 0, per_tensor)]))  # (the code before page_addresses, compared)
                 e2e = []
+                before = None
                 for rep in range(WARMUP + args.reps):
+                    if rep == WARMUP:
+                        before = exported()
                     if mode == "prefetched":
                         cache.wait_prefetched()  # the engine's compute time would cover this
                     slot = cache.alloc()
@@ -224,6 +246,7 @@ def main() -> None:
                     e2e.append(dt)
                     if mode in fl:  # the floor interleaved with the grows it is compared with
                         fl[mode].append(floor.map_at(addrs))
+                exports[(n, mode)] = (exported() - before) / args.reps
                 cache.close()
                 timings[mode] = e2e
             fl_range = [floor.map_and_access("range") for _ in range(args.reps)]
@@ -254,7 +277,12 @@ def main() -> None:
               "the fd channel + fds + (cold: import) + map + set access; default settings: the cache's default "
               "spares (they follow demand), no waiting for their import between grows. Each ratio is against the "
               f"floor measured interleaved with that mode's grows (after each one); the first {WARMUP} grows of "
-              "each cache are not counted"]
+              "each cache are not counted", "",
+              "fds the daemon exported per counted grow (and its free), a driver call each that may run beside "
+              "the worker's mapping: " + "; ".join(
+                  f"{n} pages: " + ", ".join(f"{mode} {exports[(n, mode)]:.1f}" for mode in ("prefetched", "default",
+                                                                                           "cold"))
+                  for n, *_ in rows)]
     emit("\n".join(lines), args.out)
     if args.json:
         import json

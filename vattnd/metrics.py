@@ -121,6 +121,12 @@ class PoolCollector(Collector):
             "vattnd_reclaim_requests", "Requests sent to sessions to give idle pages back.",
             value=counters["reclaims_asked"],
         )
+        yield CounterMetricFamily(
+            "vattnd_page_fds_exported",
+            "Page fds exported from allocation handles (CUDA; tens of microseconds of driver work each, ahead of "
+            "need or inline in a grant). An engine whose pages cycle through its own spares makes none.",
+            value=counters["page_fds_exported"],
+        )
 
 
 class RpcMetrics(Collector):

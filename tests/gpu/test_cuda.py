@@ -320,7 +320,10 @@ def _open_files(pid: int) -> int:
 
 def test_a_default_pool_of_2mib_pages_holds_few_files_and_grows_use_spares(short_tmp):
     """The default pool (half the GPU) of 2 MiB pages: more pages than the machine's open-file limit
-    allows fds, yet the daemon holds few files, and a default-settings grow loop runs on spares."""
+    allows fds, yet the daemon holds few files, and a default-settings grow loop runs on spares: once
+    warm, the daemon exports no fd for it (the pages cycle through the session's own spares)."""
+    from tests.integration.test_ops import scrape, value
+
     d = start_daemon(short_tmp, "--devices", "0", backend="cuda", pool_size=None, page_size="2MiB")
     try:
         pages = d.stats().pools[0].pages_total
@@ -329,6 +332,7 @@ def test_a_default_pool_of_2mib_pages_holds_few_files_and_grows_use_spares(short
         with vattn.connect(d.socket) as pool:
             cache = pool.kv_cache(num_layers=32, num_kv_heads=8, head_dim=128, max_batch=2, max_context=8192,
                                   dtype=torch.float16)  # default spares: one page per tensor (64)
+            exported = []
             for i in range(8):
                 slot = cache.alloc()
                 cache.grow(slot, 2048)  # 2 pages per tensor: 128 pages
@@ -337,6 +341,8 @@ def test_a_default_pool_of_2mib_pages_holds_few_files_and_grows_use_spares(short
                 assert torch.all(cache.k[31][slot, :2048] == float(i))
                 cache.free(slot)
                 assert cache.spare_pages >= 128  # the spares followed the grows
+                exported.append(value(scrape(d.metrics_url), "vattnd_page_fds_exported_total"))
+            assert exported[0] > 0 and exported[-1] == exported[2], exported
             assert _open_files(d.proc.pid) < 4096
         assert d.wait_used_pages(0) == 0
         from vattn.session import audit

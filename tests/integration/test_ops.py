@@ -36,6 +36,8 @@ def test_metrics_match_what_the_workers_did(daemon):
     assert value(before, "vattnd_pool_size_pages", device="0", name="cpu") == 512
     assert value(before, "vattnd_pool_pages", device="0", name="cpu", state="free") == 512
     assert value(before, "vattnd_pool_page_size_bytes") == 65536
+    assert ("vattnd_page_fds_exported_total", ()) in before  # host pages are memfds: nothing to export
+    assert value(before, "vattnd_page_fds_exported_total") == 0
 
     with vattn.connect(daemon.socket, name="metrics-a") as a, \
             vattn.connect(daemon.socket, name="metrics-b", transport="grpc") as b:
