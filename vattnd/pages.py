@@ -71,6 +71,7 @@ class _Pages:
         self.backend = backend
         self.handles: list = []  # by page id
         self.replaced = 0
+        self.exported = 0  # fds exported from allocation handles, in all (host pages are fds already: none)
         self._lock = threading.Lock()
 
     def add(self, handles: Sequence) -> None:
@@ -182,7 +183,6 @@ class ExportedPages(_Pages):
         self.fd_budget = fd_budget
         # Exported fds by page, least recently sent first.
         self.cached: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self.exported = 0  # fds made in all (a figure for benchmarks)
         self._in_flight = 0
 
     def deliver(self, device: int, pages: Sequence[int], replace: Sequence[int]) -> Delivery:

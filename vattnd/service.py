@@ -762,7 +762,7 @@ class PoolService:
 
     def counters(self) -> dict[str, int]:
         return {"sessions_opened": self.sessions_opened, "pages_scrubbed": self.pages.replaced,
-                "reclaims_asked": self.reclaims_asked, "page_fds_exported": getattr(self.pages, "exported", 0)}
+                "reclaims_asked": self.reclaims_asked, "page_fds_exported": self.pages.exported}
 
     def snapshot(self) -> Snapshot:
         with self.lock:

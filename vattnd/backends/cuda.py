@@ -36,11 +36,11 @@ from vattnd.backends.base import BackendUnavailable, DeviceInfo
 
 log = logging.getLogger(__name__)
 
+
 class _EarlyStart:
     """``cuInit`` on a thread from the moment ``vattnd start`` knows it may serve GPUs, through ctypes."""
 
     def __init__(self) -> None:
-        self.result: int | None = None  # cuInit's CUresult; None if libcuda could not be loaded
         self.took = 0.0
         # Not a daemon thread: a daemon that stops at once (a bad flag) exits only once cuInit is back, never
         # while the driver is half loaded.
@@ -52,8 +52,8 @@ class _EarlyStart:
 
         started = time.monotonic()
         try:
-            self.result = ctypes.CDLL("libcuda.so.1").cuInit(0)
-        except Exception:  # noqa: BLE001 - no driver library: load_driver says so later, in its words
+            ctypes.CDLL("libcuda.so.1").cuInit(0)  # a failure shows again, in load_driver's words
+        except Exception:  # noqa: BLE001 - no driver library: load_driver says so later
             pass
         self.took = time.monotonic() - started
 
@@ -69,10 +69,9 @@ def start_driver_early() -> None:
     its listening go on beside it (through cuda-bindings, on a thread, it held
     the daemon's start back by as long: docs/benchmarks.md). NVML, asked
     meanwhile, would wait for it: :func:`vattnd.backends.start_early` asks
-    NVML first. The backend waits
-    for it before its first driver call; cuda-bindings then finds the driver
-    started. Harmless where there is no driver library or GPU: the backend's
-    own start reports that as before.
+    NVML first. The backend waits for it before its first driver call;
+    cuda-bindings then finds the driver started. Harmless where there is no
+    driver library or GPU: the backend's own start reports that as before.
     """
     global _early
     if _early is None:
@@ -147,10 +146,10 @@ class CudaBackend:
                         self._open_error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(
                             f"the CUDA driver could not start: {exc}")
                         raise self._open_error from None
-                    early = "" if _early is None else f" (cuInit had taken {_early.took * 1e3:.0f} ms on a thread " \
-                        "from the start)"
-                    log.info("CUDA driver ready for the bring-up after %.0f ms%s", (time.monotonic() - started) * 1e3,
-                             early)
+                    early = "" if _early is None else (
+                        f" (cuInit had taken {_early.took * 1e3:.0f} ms on a thread from the start)")
+                    log.info("CUDA driver ready for the bring-up after %.0f ms%s",
+                             (time.monotonic() - started) * 1e3, early)
                 cu = self.cu
         return cu
 
