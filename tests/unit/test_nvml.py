@@ -64,3 +64,26 @@ def test_a_cuda_backend_sized_from_nvml_reports_its_drivers_first_failure_and_cl
         backend.export_pages(0, [])
     assert again.value is first.value
     backend.close()
+
+
+def test_start_early_hands_nvml_s_answer_to_one_backend_and_starts_nothing_for_host_memory():
+    """`vattnd start` asks NVML and starts cuInit first (vattnd.backends.start_early); the next open_backend takes
+    NVML's answer, once. Here (no GPU) the driver cannot start: auto still serves host memory."""
+    import vattnd.backends as backends
+    from vattn.cudadrv import gpu_count
+    from vattnd.backends import cuda
+
+    if gpu_count():
+        pytest.skip("a GPU is usable here: tests/gpu starts daemons through start_early")
+    backends.start_early("host")
+    assert backends._early_gpus is backends._UNASKED and cuda._early is None  # host memory: nothing started
+    backends.start_early("auto")
+    assert backends._early_gpus is None  # no NVML here
+    assert cuda._early is not None
+    backend = backends.open_backend("auto", 2 << 20)
+    try:
+        assert backend.kind == "host"
+        assert backends._early_gpus is backends._UNASKED  # used once
+        assert not cuda._early.thread.is_alive()  # the backend waited for it before asking the driver
+    finally:
+        backend.close()

@@ -42,6 +42,7 @@ def open_backend(kind: str, page_size: int, devices: Sequence[int] | None = None
     is returned without waiting for the driver: the bring-up starts it (or finds it started). A driver that then fails
     fails the bring-up (the daemon stops with the reason), rather than this call.
     """
+    global _early_gpus
     from vattnd.backends.host import HostBackend
 
     if kind == "host":
@@ -50,8 +51,8 @@ def open_backend(kind: str, page_size: int, devices: Sequence[int] | None = None
         from vattnd.backends.cuda import CudaBackend
         from vattnd.backends.nvml import quick_gpus
 
-        # GPUs found this way start their driver after the daemon listens.
-        known = quick_gpus() if _early_gpus is _UNASKED else _early_gpus
+        # GPUs found this way start their driver after the daemon listens. start_early's answer serves once.
+        known, _early_gpus = (quick_gpus() if _early_gpus is _UNASKED else _early_gpus), _UNASKED
         try:
             return CudaBackend(page_size, devices, known=known)
         except BackendUnavailable as exc:
