@@ -10,6 +10,13 @@ the reply after it, the whole call, and the whole grow. After each grow it
 maps the same addresses bare (bench_cuda.Floor) with local handles and with
 handles imported from their own exported fds, to see whether mapping an
 imported page costs more. Prints medians and 10th percentiles.
+
+    python bench/split_grow.py --alternate
+
+also makes every other grow send its call only after the mapping (nothing
+in flight meanwhile: no daemon at work, no reply arriving), to see whether
+the mapping inside an overlapped grow is slower than the floor because of
+what runs beside it.
 """
 import argparse
 import os
@@ -22,6 +29,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--reps", type=int, default=80)
 ap.add_argument("--profile", type=int, default=0, metavar="N",
                 help="then N more grows under cProfile: the functions with the most time of their own")
+ap.add_argument("--alternate", action="store_true",
+                help="every other grow maps first and then makes the call (rows *_serial)")
 args = ap.parse_args()
 
 from common import launch_daemon  # noqa: E402
@@ -50,14 +59,21 @@ try:
             t = time.perf_counter(); split["map_start"] = t
             during(); split["map"] = time.perf_counter() - t; split["map_end"] = time.perf_counter()
         t0 = time.perf_counter()
-        r = orig(region_id, entries, timed, *rest)
+        if split.get("serial"):  # the mapping first, then the call: nothing beside the mapping
+            timed()
+            r = orig(region_id, entries, lambda: None, *rest)
+        else:
+            r = orig(region_id, entries, timed, *rest)
         split["after_map"] = time.perf_counter() - split["map_end"]
         split["call_total"] = time.perf_counter() - t0
         return r
     sess.step_overlapped = spy
     rows = {k: [] for k in ("e2e", "before_map", "map", "after_map", "call_total", "floor_local", "floor_imported",
                             "floor_local2")}
-    for rep in range(args.reps):
+    if args.alternate:
+        rows.update({f"{k}_serial": [] for k in ("e2e", "map", "after_map", "floor_local")})
+    for rep in range(args.reps * (2 if args.alternate else 1)):
+        serial = split["serial"] = args.alternate and rep % 2 == 1
         cache.wait_prefetched()
         slot = cache.alloc()
         t0 = time.perf_counter()
@@ -65,6 +81,12 @@ try:
         e2e = time.perf_counter() - t0
         cache.free(0)
         if rep < 5: continue
+        if serial:
+            rows["e2e_serial"].append(e2e)
+            rows["map_serial"].append(split["map"])
+            rows["after_map_serial"].append(split["after_map"])
+            floor.handles = local_handles; rows["floor_local_serial"].append(floor.map_at(addrs))
+            continue
         rows["e2e"].append(e2e)
         rows["before_map"].append(split["map_start"] - t0)
         for k in ("map", "after_map", "call_total"): rows[k].append(split[k])
@@ -77,6 +99,7 @@ try:
         import cProfile
         import pstats
         prof = cProfile.Profile()
+        split["serial"] = False
         for rep in range(args.profile):
             cache.wait_prefetched()
             slot = cache.alloc()
