@@ -246,7 +246,7 @@ def main() -> None:
                     e2e.append(dt)
                     if mode in fl:  # the floor interleaved with the grows it is compared with
                         fl[mode].append(floor.map_at(addrs))
-                exports[(n, mode)] = (exported() - before) / args.reps
+                exports[(n, mode)] = (exported() - before) / args.reps if before is not None else 0.0
                 cache.close()
                 timings[mode] = e2e
             fl_range = [floor.map_and_access("range") for _ in range(args.reps)]

@@ -108,10 +108,13 @@ def launch_timed(folder: str, *flags: str, timeout: float = 300.0,
                 time.sleep(0.001)
                 left()
         while ready is None and poll_ms:
-            if health.Check(pool, timeout=min(1.0, left())).status == serving:
-                ready = time.perf_counter() - t0
-            else:
-                time.sleep(poll_ms / 1e3)
+            try:
+                if health.Check(pool, timeout=min(1.0, left())).status == serving:
+                    ready = time.perf_counter() - t0
+                    break
+            except grpc.RpcError:
+                left()  # the daemon stopped (its log), or the time is up; else ask again
+            time.sleep(poll_ms / 1e3)
         while ready is None:
             try:
                 for answer in health.Watch(pool, timeout=left()):
@@ -120,6 +123,7 @@ def launch_timed(folder: str, *flags: str, timeout: float = 300.0,
                         break
             except grpc.RpcError:
                 left()  # the daemon stopped (its log), or the time is up; else watch again
+                time.sleep(0.001)
     finally:
         channel.close()
     return proc, sock, log_path, first_rpc, ready

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -191,6 +192,11 @@ def start(socket_path, backend, pool_size, page_size, devices, metrics_port, met
     except (StartupError, OSError) as exc:
         daemon.stop()
         click.echo(f"vattnd: cannot start: {exc}", err=True)
+        from vattnd.backends.cuda import early_start_done
+
+        if not early_start_done(timeout=10.0):  # a driver whose cuInit hangs must not keep the process
+            sys.stderr.flush()
+            os._exit(EXIT_START_FAILED)
         sys.exit(EXIT_START_FAILED)
 
 

@@ -66,15 +66,17 @@ def test_a_cuda_backend_sized_from_nvml_reports_its_drivers_first_failure_and_cl
     backend.close()
 
 
-def test_start_early_hands_nvml_s_answer_to_one_backend_and_starts_nothing_for_host_memory():
+def test_start_early_hands_nvml_s_answer_to_one_backend_and_starts_nothing_for_host_memory(monkeypatch):
     """`vattnd start` asks NVML and starts cuInit first (vattnd.backends.start_early); the next open_backend takes
     NVML's answer, once. Here (no GPU) the driver cannot start: auto still serves host memory."""
     import vattnd.backends as backends
     from vattn.cudadrv import gpu_count
     from vattnd.backends import cuda
 
-    if gpu_count():
-        pytest.skip("a GPU is usable here: tests/gpu starts daemons through start_early")
+    if gpu_count() or quick_gpus() is not None:
+        pytest.skip("NVML or the driver sees a GPU here: tests/gpu starts daemons through start_early")
+    monkeypatch.setattr(backends, "_early_gpus", backends._UNASKED)  # this process's start-up state, restored after
+    monkeypatch.setattr(cuda, "_early", None)
     backends.start_early("host")
     assert backends._early_gpus is backends._UNASKED and cuda._early is None  # host memory: nothing started
     backends.start_early("auto")

@@ -42,8 +42,8 @@ class _EarlyStart:
 
     def __init__(self) -> None:
         self.took = 0.0
-        # Not a daemon thread: a daemon that stops at once (a bad flag) exits only once cuInit is back, never
-        # while the driver is half loaded.
+        # Not a daemon thread: the process does not exit while the driver is half loaded (a start that fails
+        # at once waits for it, for a while: early_start_done).
         self.thread = threading.Thread(target=self._run, name="vattnd-cuinit")
         self.thread.start()
 
@@ -82,6 +82,15 @@ def _wait_early_start() -> None:
     early = _early
     if early is not None and early.thread.is_alive():
         early.thread.join()
+
+
+def early_start_done(timeout: float) -> bool:
+    """Waits up to ``timeout`` seconds for the early ``cuInit``; whether it is over (or never began)."""
+    early = _early
+    if early is not None:
+        early.thread.join(timeout)
+        return not early.thread.is_alive()
+    return True
 
 
 # cuMemGetAllocationGranularity's answer for device memory on every NVIDIA GPU so far (checked again once

@@ -3,7 +3,9 @@
 ``cuInit`` takes about a second on a node of four H200s (persistence mode
 on, measured: docs/benchmarks.md); NVML gives the count, names and memory of
 the same GPUs in about 50 ms. The CUDA backend uses these facts to size the
-pools and starts the driver in the background (the bring-up).
+pools; the driver loads meanwhile, on a thread started at ``vattnd start``'s
+first moment (after NVML: :func:`vattnd.backends.start_early`), and the
+bring-up waits for it.
 
 Memory is NVML's total less what the driver reserves (``nvmlMemory_v2_t``),
 which is what CUDA calls the total; where that call is missing, NVML's total,
