@@ -37,19 +37,9 @@ WARMUP = 3  # grows of each cache not counted: the first import its first spares
 
 def daemon_exports(metrics_url: str):
     """A function that reads the daemon's vattnd_page_fds_exported_total."""
-    import urllib.request
+    from tests.integration.test_ops import scrape, value
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def read() -> float:
-        with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as resp:
-            for family in text_string_to_metric_families(resp.read().decode()):
-                for sample in family.samples:
-                    if sample.name == "vattnd_page_fds_exported_total":
-                        return sample.value
-        raise SystemExit("the daemon has no vattnd_page_fds_exported_total metric")
-
-    return read
+    return lambda: value(scrape(metrics_url), "vattnd_page_fds_exported_total")
 
 
 def med(xs):

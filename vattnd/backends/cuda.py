@@ -78,14 +78,9 @@ def start_driver_early() -> None:
         _early = _EarlyStart()
 
 
-def _wait_early_start() -> None:
-    early = _early
-    if early is not None and early.thread.is_alive():
-        early.thread.join()
-
-
-def early_start_done(timeout: float) -> bool:
-    """Waits up to ``timeout`` seconds for the early ``cuInit``; whether it is over (or never began)."""
+def early_start_done(timeout: float | None = None) -> bool:
+    """Waits (up to ``timeout`` seconds, or until it is over) for the early ``cuInit``; whether it is over (or
+    never began)."""
     early = _early
     if early is not None:
         early.thread.join(timeout)
@@ -163,7 +158,7 @@ class CudaBackend:
         return cu
 
     def _open(self) -> None:
-        _wait_early_start()
+        early_start_done()
         try:
             cu = load_driver()
         except CudaUnavailable as exc:
