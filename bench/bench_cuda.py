@@ -78,6 +78,7 @@ class Floor:
         prop.location.id = 0
         self.fd_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         prop.requestedHandleTypes = self.fd_type
+        self.prop = prop
         self.count = count
         self.handles = [check(cu, cu.cuMemCreate(PAGE, prop, 0), "create") for _ in range(count)]
         self.fds = [check(cu, cu.cuMemExportToShareableHandle(h, self.fd_type, 0), "export") for h in self.handles]

@@ -9,7 +9,8 @@ grow: the mapping the worker does while the call is in flight, the wait for
 the reply after it, the whole call, and the whole grow. After each grow it
 maps the same addresses bare (bench_cuda.Floor) with local handles and with
 handles imported from their own exported fds, to see whether mapping an
-imported page costs more. Prints medians and 10th percentiles.
+imported page costs more, and with handles never mapped before (imported
+anew, created anew), as a grow's spares are. Prints medians and 10th percentiles.
 
     python bench/split_grow.py --alternate
 
@@ -17,6 +18,19 @@ also makes every other grow send its call only after the mapping (nothing
 in flight meanwhile: no daemon at work, no reply arriving), to see whether
 the mapping inside an overlapped grow is slower than the floor because of
 what runs beside it.
+
+    python bench/split_grow.py --replay
+
+also maps each grow's own pages (created by the daemon, imported here) a
+second time, bare and through the worker's map_pages, to split the grow's
+mapping excess over the floor into the pages' cost and the worker's Python.
+
+    python bench/split_grow.py --no-listener --defer-imports --no-gc --warm
+
+each takes one suspect away from beside the grow: the reclaim listener
+thread, the importer thread (new spares are handed to it after the grow is
+timed), the garbage collector, an idle driver (the floor's pages are mapped
+elsewhere right before each grow). docs/benchmarks.md has what each showed.
 """
 import argparse
 import os
@@ -29,6 +43,16 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--reps", type=int, default=80)
 ap.add_argument("--profile", type=int, default=0, metavar="N",
                 help="then N more grows under cProfile: the functions with the most time of their own")
+ap.add_argument("--replay", action="store_true",
+                help="after each overlapped grow, unmap its pages and map the same (daemon's) pages again: bare driver "
+                     "calls (daemon_bare) and through the worker's map_pages (mapper_replay)")
+ap.add_argument("--no-listener", action="store_true",
+                help="stop the session's reclaim listener thread first (it wakes when a reply arrives)")
+ap.add_argument("--defer-imports", action="store_true",
+                help="hand each grow's new spares to the importer thread only after the grow is timed")
+ap.add_argument("--no-gc", action="store_true", help="freeze and disable Python's garbage collector first")
+ap.add_argument("--warm", action="store_true",
+                help="map and unmap the floor's pages elsewhere just before each grow (driver and GPU busy until then)")
 ap.add_argument("--alternate", action="store_true",
                 help="every other grow maps first and then makes the call (rows *_serial)")
 args = ap.parse_args()
@@ -65,20 +89,61 @@ try:
         else:
             r = orig(region_id, entries, timed, *rest)
         split["after_map"] = time.perf_counter() - split["map_end"]
-        split["call_total"] = time.perf_counter() - t0
+        split["call_end"] = time.perf_counter()
+        split["call_total"] = split["call_end"] - t0
         return r
     sess.step_overlapped = spy
-    rows = {k: [] for k in ("e2e", "before_map", "map", "after_map", "call_total", "floor_local", "floor_imported",
-                            "floor_local2")}
+    rows = {k: [] for k in ("e2e", "before_map", "map", "after_map", "call_total", "after_call", "floor_local",
+                            "floor_imported", "floor_local2", "floor_fresh_imported", "floor_fresh_created")}
+    if args.no_gc:
+        import gc
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    if args.no_listener:
+        sess._listener_stop.set()
+        sess._listener.join()
+    stash = []
+    if args.defer_imports:
+        add_spares = cache._mapper.add_spares
+        cache._mapper.add_spares = lambda ids, fds: stash.append((ids, fds))
+    if args.replay:
+        rows.update({"daemon_bare": [], "mapper_replay": []})
+    mapper = cache._mapper
+    fake_ids = list(range(-1, -1 - len(addrs), -1))
+
+    def replay() -> None:
+        """Unmaps the grow's pages, maps the same handles bare (timed, then unmapped), then through map_pages."""
+        handles = [mapper._handles.pop(a) for a in addrs]
+        cu.cuCtxSynchronize()
+        for a in addrs:
+            cu.cuMemUnmap(a, bench_cuda.PAGE)
+        floor.handles = handles
+        rows["daemon_bare"].append(floor.map_at(addrs))
+        with mapper._cond:
+            mapper._spares.update(zip(fake_ids, handles))
+        t = time.perf_counter()
+        mapper.map_pages(addrs, fake_ids, (), bench_cuda.PAGE)
+        rows["mapper_replay"].append(time.perf_counter() - t)
+
     if args.alternate:
         rows.update({f"{k}_serial": [] for k in ("e2e", "map", "after_map", "floor_local")})
     for rep in range(args.reps * (2 if args.alternate else 1)):
         serial = split["serial"] = args.alternate and rep % 2 == 1
         cache.wait_prefetched()
         slot = cache.alloc()
+        if args.warm:
+            floor.handles = local_handles
+            floor.map_at(floor.spread)
         t0 = time.perf_counter()
         cache.grow(slot, 1024)
-        e2e = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        e2e = t1 - t0
+        for ids, fds in stash:
+            add_spares(ids, fds)
+        stash.clear()
+        if args.replay and not serial and rep >= 5:
+            replay()
         cache.free(0)
         if rep < 5: continue
         if serial:
@@ -90,9 +155,19 @@ try:
         rows["e2e"].append(e2e)
         rows["before_map"].append(split["map_start"] - t0)
         for k in ("map", "after_map", "call_total"): rows[k].append(split[k])
+        rows["after_call"].append(t1 - split["call_end"])
         floor.handles = local_handles; rows["floor_local"].append(floor.map_at(addrs))
         floor.handles = imported; rows["floor_imported"].append(floor.map_at(addrs))
         floor.handles = local_handles; rows["floor_local2"].append(floor.map_at(addrs))
+        # Handles never mapped before, as a grow's spares are: imported anew, and created anew.
+        for key, fresh in (("floor_fresh_imported",
+                            [cu.cuMemImportFromShareableHandle(os.dup(fd), floor.fd_type)[1] for fd in floor.fds]),
+                           ("floor_fresh_created", [cu.cuMemCreate(bench_cuda.PAGE, floor.prop, 0)[1] for _ in addrs])):
+            floor.handles = fresh
+            rows[key].append(floor.map_at(addrs))
+            for h in fresh:
+                cu.cuMemRelease(h)
+        floor.handles = local_handles
     for k, v in rows.items():
         print(f"{k:16s} median {med(v)*1e3:.3f} ms  p10 {sorted(v)[len(v)//10]*1e3:.3f}")
     if args.profile:

@@ -133,8 +133,12 @@ class SlotTable:
     def granted(self, grants: Sequence[SlotGrant], page_ids: Sequence[int], new_spares: Sequence[int]) -> None:
         """Records a grant the daemon made (checked with :meth:`check_grant`): spares it used, new
         spares, what each slot holds now."""
-        for _ in range(min(len(page_ids), len(self.spares))):  # the daemon used spares first
-            self.spares.popleft()
+        used = min(len(page_ids), len(self.spares))  # the daemon used spares first
+        if used == len(self.spares):
+            self.spares.clear()
+        else:
+            for _ in range(used):
+                self.spares.popleft()
         self.spares.extend(new_spares)
         offset, tensors = 0, self.layout.num_tensors
         for slot, first, count in grants:
