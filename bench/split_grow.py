@@ -23,7 +23,11 @@ what runs beside it.
 
 also maps each grow's own pages (created by the daemon, imported here) a
 second time, bare and through the worker's map_pages, to split the grow's
-mapping excess over the floor into the pages' cost and the worker's Python.
+mapping excess over the floor into the pages' cost and the worker's Python;
+then through map_pages again after about a grow's worth of Python, and
+after a 0.2 ms sleep. With --per-call, every cuMemMap and cuMemSetAccess
+of the grow's mapping and of the replay is timed (a wrapper around each
+call, so both get slower alike).
 
     python bench/split_grow.py --no-listener --defer-imports --no-gc --warm
 
@@ -53,6 +57,8 @@ ap.add_argument("--defer-imports", action="store_true",
 ap.add_argument("--no-gc", action="store_true", help="freeze and disable Python's garbage collector first")
 ap.add_argument("--warm", action="store_true",
                 help="map and unmap the floor's pages elsewhere just before each grow (driver and GPU busy until then)")
+ap.add_argument("--per-call", action="store_true",
+                help="time each cuMemMap and cuMemSetAccess of the grow's mapping and of the replay (with --replay)")
 ap.add_argument("--alternate", action="store_true",
                 help="every other grow maps first and then makes the call (rows *_serial)")
 args = ap.parse_args()
@@ -63,6 +69,7 @@ import bench_cuda  # noqa: E402
 import torch  # noqa: E402
 
 import vattn  # noqa: E402
+import vattn.session  # noqa: E402
 
 med = statistics.median
 d = launch_daemon("cuda", "16GiB", "2MiB")
@@ -108,23 +115,76 @@ try:
         add_spares = cache._mapper.add_spares
         cache._mapper.add_spares = lambda ids, fds: stash.append((ids, fds))
     if args.replay:
-        rows.update({"daemon_bare": [], "mapper_replay": []})
+        rows.update({"daemon_bare": [], **{key: [] for key in ("mapper_replay", "mapper_replay_after_python",
+                                                               "mapper_replay_after_sleep")}})
     mapper = cache._mapper
     fake_ids = list(range(-1, -1 - len(addrs), -1))
 
+    def python_work() -> None:
+        """About what a grow runs in Python before its mapping: plan, addresses, a call encoded."""
+        plan, _ = cache.slots.plan([(0, 2048)])
+        cache.slots.layout.addresses(plan, cache._bases)
+        vattn.session.channel_pb2.ChannelMessage(call=vattn.session.channel_pb2.Call(
+            step=vattn.session.pb.StepRequest(region_id=1, entries=[vattn.session.pb.StepEntry(slot=0, tokens=1)])
+        )).SerializeToString()
+
+    calls: list[tuple[str, float]] = []
+
+    class TimedDriver:
+        """The driver module with cuMemMap and cuMemSetAccess timed into ``calls``."""
+
+        def __init__(self, real):
+            self._real = real
+
+        def __getattr__(self, name):
+            fn = getattr(self._real, name)
+            if name not in ("cuMemMap", "cuMemSetAccess"):
+                return fn
+
+            def timed_call(*a):
+                t = time.perf_counter()
+                r = fn(*a)
+                calls.append((name, time.perf_counter() - t))
+                return r
+            return timed_call
+
+    def per_call(prefix: str) -> None:
+        maps = [dt for name, dt in calls if name == "cuMemMap"]
+        accesses = [dt for name, dt in calls if name == "cuMemSetAccess"]
+        calls.clear()
+        if len(maps) != len(addrs):
+            return
+        for key, values in ((f"{prefix}_map_first4", maps[:4]), (f"{prefix}_map_rest", maps[4:]),
+                            (f"{prefix}_access_first4", accesses[:4]), (f"{prefix}_access_rest", accesses[4:])):
+            rows.setdefault(key, []).append(sum(values))
+
+    if args.per_call:
+        mapper.cu = TimedDriver(mapper.cu)
+
+    preludes = {"mapper_replay": None, "mapper_replay_after_python": lambda: [python_work() for _ in range(6)],
+                "mapper_replay_after_sleep": lambda: time.sleep(0.0002)}
+
     def replay() -> None:
-        """Unmaps the grow's pages, maps the same handles bare (timed, then unmapped), then through map_pages."""
-        handles = [mapper._handles.pop(a) for a in addrs]
-        cu.cuCtxSynchronize()
-        for a in addrs:
-            cu.cuMemUnmap(a, bench_cuda.PAGE)
-        floor.handles = handles
-        rows["daemon_bare"].append(floor.map_at(addrs))
-        with mapper._cond:
-            mapper._spares.update(zip(fake_ids, handles))
-        t = time.perf_counter()
-        mapper.map_pages(addrs, fake_ids, (), bench_cuda.PAGE)
-        rows["mapper_replay"].append(time.perf_counter() - t)
+        """Unmaps the grow's pages, maps the same handles bare (timed, then unmapped), then through map_pages:
+        at once, after Python work of about a grow's, and after a short sleep."""
+        for key, prelude in preludes.items():
+            handles = [mapper._handles.pop(a) for a in addrs]
+            cu.cuCtxSynchronize()
+            for a in addrs:
+                cu.cuMemUnmap(a, bench_cuda.PAGE)
+            if prelude is None:
+                floor.handles = handles
+                rows["daemon_bare"].append(floor.map_at(addrs))
+            with mapper._cond:
+                mapper._spares.update(zip(fake_ids, handles))
+            if prelude is not None:
+                prelude()
+            calls.clear()
+            t = time.perf_counter()
+            mapper.map_pages(addrs, fake_ids, (), bench_cuda.PAGE)
+            rows[key].append(time.perf_counter() - t)
+            if args.per_call and prelude is None:
+                per_call("replay")
 
     if args.alternate:
         rows.update({f"{k}_serial": [] for k in ("e2e", "map", "after_map", "floor_local")})
@@ -135,6 +195,7 @@ try:
         if args.warm:
             floor.handles = local_handles
             floor.map_at(floor.spread)
+        calls.clear()
         t0 = time.perf_counter()
         cache.grow(slot, 1024)
         t1 = time.perf_counter()
@@ -142,6 +203,10 @@ try:
         for ids, fds in stash:
             add_spares(ids, fds)
         stash.clear()
+        if args.per_call:
+            if rep >= 5:
+                per_call("serial" if serial else "grow")
+            calls.clear()
         if args.replay and not serial and rep >= 5:
             replay()
         cache.free(0)

@@ -108,15 +108,18 @@ class Session:
         gRPC instead; the results are the same.
         """
         with self._lock:
-            if self.closed:
-                raise Closed(f"session {self.session_id} with vattnd at {self.socket_path} was closed "
-                             "(pool.close()): connect again (vattn.connect(), pool.reconnect())")
+            self._check_open()
             if self.transport == "channel" and request.ByteSize() + _CALL_OVERHEAD <= wire.MAX_CALL_BYTES:
                 call = channel_pb2.Call(**{wire.CHANNEL_CALLS[method]: request})
                 return self._result(*self.channel.call(call))
             reply = self._call(getattr(self.stub, method), request)
             seq, count = _fds_expected(reply)
             return reply, (self.channel.receive_pages(seq, count) if count else [])
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Closed(f"session {self.session_id} with vattnd at {self.socket_path} was closed "
+                         "(pool.close()): connect again (vattn.connect(), pool.reconnect())")
 
     @staticmethod
     def _result(result: channel_pb2.CallResult, fds: list[int]) -> tuple[object, list[int]]:
@@ -151,12 +154,15 @@ class Session:
         request = pb.StepRequest(region_id=region_id, entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
                                  no_wait=no_wait)
         with self._lock:
+            self._check_open()
             call_id = self.channel.send_call(channel_pb2.Call(step=request))
             try:
                 during()
-            finally:
-                result, fds = self.channel.wait_result(call_id)
-            return self._result(result, fds)
+            except BaseException:
+                _, fds = self.channel.wait_result(call_id)  # the channel stays in step; these fds are unused
+                wire.close_fds(fds)
+                raise
+            return self._result(*self.channel.wait_result(call_id))
 
     def grow(self, region_id: int, slot: int, tokens: int, no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
         """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vattn
+from vattn.errors import Closed, OutOfRange
 from tests.integration import workers
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -256,6 +258,40 @@ def test_prefetched_spare_pages_are_used_first_and_topped_up(pool, daemon):
     assert daemon.used_pages() == 8 == daemon.stats().pools[0].pages_spare
     cache.close()
     assert daemon.used_pages() == 0
+
+
+def test_an_overlapped_step_gets_its_reply_and_an_error_in_the_overlap_leaves_the_channel_in_step(daemon):
+    """Session.step_overlapped (what a CUDA grow on spares uses, tested here on host pages): the reply is
+    the spares' grant; a failure in ``during`` is raised once the reply is in, with its fds closed and
+    the channel still in step; a daemon error stays typed."""
+    pool = vattn.connect(daemon.socket, name="overlap")
+    cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
+                          prefetch_pages=4)
+    session = pool.session
+    slot = cache.alloc()
+    spares = list(cache.slots.spares)
+    threads = []
+    reply, fds = session.step_overlapped(cache.region_id, [(slot, 256)],
+                                         lambda: threads.append(threading.current_thread()))
+    assert threads == [threading.current_thread()]  # the caller's own work stays on the caller's thread
+    assert list(reply.page_ids) == spares and len(fds) == len(reply.spare_page_ids) == 4
+    cache._map(reply, fds)
+    cache.k[1][slot, :256] = 3.0
+
+    def fail():
+        raise RuntimeError("the mapping failed")
+
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="the mapping failed"):  # a grant of 4 fresh pages + 4 spares' fds
+        session.step_overlapped(cache.region_id, [(slot, 512)], fail)
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    with pytest.raises(OutOfRange):
+        session.step_overlapped(cache.region_id, [(slot, 5000)], lambda: None)
+    assert pool.stats().pools[0].pages_used == daemon.used_pages()  # the channel answers in turn
+    assert torch.all(cache.k[1][slot, :256] == 3.0)
+    pool.close()
+    with pytest.raises(Closed):
+        session.step_overlapped(cache.region_id, [(slot, 256)], lambda: None)
 
 
 def test_all_layers_layout_wastes_at_most_one_page(pool, daemon):
