@@ -282,7 +282,7 @@ def test_an_overlapped_step_gets_its_reply_and_an_error_in_the_overlap_leaves_th
         raise RuntimeError("the mapping failed")
 
     open_fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(RuntimeError, match="the mapping failed"):  # a grant of 4 fresh pages + 4 spares' fds
+    with pytest.raises(RuntimeError, match="the mapping failed"):  # 4 spares granted, 4 refill fds to close
         session.step_overlapped(cache.region_id, [(slot, 512)], fail)
     assert len(os.listdir("/proc/self/fd")) == open_fds
     with pytest.raises(OutOfRange):
