@@ -29,12 +29,13 @@ after a 0.2 ms sleep. With --per-call, every cuMemMap and cuMemSetAccess
 of the grow's mapping and of the replay is timed (a wrapper around each
 call, so both get slower alike).
 
-    python bench/split_grow.py --no-listener --defer-imports --no-gc --warm
+    python bench/split_grow.py --no-listener --no-gc --warm
 
 each takes one suspect away from beside the grow: the reclaim listener
-thread, the importer thread (new spares are handed to it after the grow is
-timed), the garbage collector, an idle driver (the floor's pages are mapped
+thread, the garbage collector, an idle driver (the floor's pages are mapped
 elsewhere right before each grow). docs/benchmarks.md has what each showed.
+(The importer thread is idle here: after the first grow, each free gives
+the slot's pages back as spares, so no grow brings new ones.)
 """
 import argparse
 import os
@@ -52,8 +53,6 @@ ap.add_argument("--replay", action="store_true",
                      "calls (daemon_bare) and through the worker's map_pages (mapper_replay)")
 ap.add_argument("--no-listener", action="store_true",
                 help="stop the session's reclaim listener thread first (it wakes when a reply arrives)")
-ap.add_argument("--defer-imports", action="store_true",
-                help="hand each grow's new spares to the importer thread only after the grow is timed")
 ap.add_argument("--no-gc", action="store_true", help="freeze and disable Python's garbage collector first")
 ap.add_argument("--warm", action="store_true",
                 help="map and unmap the floor's pages elsewhere just before each grow (driver and GPU busy until then)")
@@ -110,10 +109,6 @@ try:
     if args.no_listener:
         sess._listener_stop.set()
         sess._listener.join()
-    stash = []
-    if args.defer_imports:
-        add_spares = cache._mapper.add_spares
-        cache._mapper.add_spares = lambda ids, fds: stash.append((ids, fds))
     if args.replay:
         rows.update({"daemon_bare": [], **{key: [] for key in ("mapper_replay", "mapper_replay_after_python",
                                                                "mapper_replay_after_sleep")}})
@@ -200,9 +195,6 @@ try:
         cache.grow(slot, 1024)
         t1 = time.perf_counter()
         e2e = t1 - t0
-        for ids, fds in stash:
-            add_spares(ids, fds)
-        stash.clear()
         if args.per_call:
             if rep >= 5:
                 per_call("serial" if serial else "grow")
@@ -225,9 +217,10 @@ try:
         floor.handles = imported; rows["floor_imported"].append(floor.map_at(addrs))
         floor.handles = local_handles; rows["floor_local2"].append(floor.map_at(addrs))
         # Handles never mapped before, as a grow's spares are: imported anew, and created anew.
-        for key, fresh in (("floor_fresh_imported",
-                            [cu.cuMemImportFromShareableHandle(os.dup(fd), floor.fd_type)[1] for fd in floor.fds]),
-                           ("floor_fresh_created", [cu.cuMemCreate(bench_cuda.PAGE, floor.prop, 0)[1] for _ in addrs])):
+        for key, fresh in (("floor_fresh_imported", [floor.check(cu, cu.cuMemImportFromShareableHandle(fd, floor.fd_type),
+                                                                 "import") for fd in floor.fds]),
+                           ("floor_fresh_created", [floor.check(cu, cu.cuMemCreate(bench_cuda.PAGE, floor.prop, 0),
+                                                                "create") for _ in addrs])):
             floor.handles = fresh
             rows[key].append(floor.map_at(addrs))
             for h in fresh:

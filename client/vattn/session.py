@@ -149,7 +149,10 @@ class Session:
         The worker maps the spare pages it knows the grant will use while the
         call is in flight, so the round trip hides behind the mapping. If
         ``during`` raises, the result is still received (the channel stays in
-        step) and the exception is raised after it.
+        step), its fds are closed and ``during``'s exception is raised. The
+        daemon has made its grant all the same, so the caller's record of the
+        region may be out of step with it: vattn.kv keeps its mapping's
+        failure inside ``during`` instead, and raises it after the reply.
         """
         request = pb.StepRequest(region_id=region_id, entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries],
                                  no_wait=no_wait)
@@ -159,8 +162,12 @@ class Session:
             try:
                 during()
             except BaseException:
-                _, fds = self.channel.wait_result(call_id)  # the channel stays in step; these fds are unused
-                wire.close_fds(fds)
+                try:  # the reply still comes off the channel, which stays in step; its fds are not mapped
+                    _, fds = self.channel.wait_result(call_id)
+                except BaseException:  # noqa: BLE001 - during()'s own error is the one to raise
+                    pass
+                else:
+                    wire.close_fds(fds)
                 raise
             return self._result(*self.channel.wait_result(call_id))
 

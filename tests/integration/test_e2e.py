@@ -265,31 +265,32 @@ def test_an_overlapped_step_gets_its_reply_and_an_error_in_the_overlap_leaves_th
     the spares' grant; a failure in ``during`` is raised once the reply is in, with its fds closed and
     the channel still in step; a daemon error stays typed."""
     pool = vattn.connect(daemon.socket, name="overlap")
-    cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
-                          prefetch_pages=4)
-    session = pool.session
-    slot = cache.alloc()
-    spares = list(cache.slots.spares)
-    threads = []
-    reply, fds = session.step_overlapped(cache.region_id, [(slot, 256)],
-                                         lambda: threads.append(threading.current_thread()))
-    assert threads == [threading.current_thread()]  # the caller's own work stays on the caller's thread
-    assert list(reply.page_ids) == spares and len(fds) == len(reply.spare_page_ids) == 4
-    cache._map(reply, fds)
-    cache.k[1][slot, :256] = 3.0
+    try:
+        cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
+                              prefetch_pages=4)
+        session = pool.session
+        slot = cache.alloc()
+        spares = list(cache.slots.spares)
+        threads = []
+        reply, fds = session.step_overlapped(cache.region_id, [(slot, 256)],
+                                             lambda: threads.append(threading.current_thread()))
+        assert threads == [threading.current_thread()]  # the caller's own work stays on the caller's thread
+        assert list(reply.page_ids) == spares and len(fds) == len(reply.spare_page_ids) == 4
+        cache._map(reply, fds)
+        cache.k[1][slot, :256] = 3.0
 
-    def fail():
-        raise RuntimeError("the mapping failed")
+        def fail():
+            raise RuntimeError("the mapping failed")
 
-    open_fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(RuntimeError, match="the mapping failed"):  # 4 spares granted, 4 refill fds to close
-        session.step_overlapped(cache.region_id, [(slot, 512)], fail)
-    assert len(os.listdir("/proc/self/fd")) == open_fds
-    with pytest.raises(OutOfRange):
-        session.step_overlapped(cache.region_id, [(slot, 5000)], lambda: None)
-    assert pool.stats().pools[0].pages_used == daemon.used_pages()  # the channel answers in turn
-    assert torch.all(cache.k[1][slot, :256] == 3.0)
-    pool.close()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(RuntimeError, match="the mapping failed"):  # 4 spares granted, 4 refill fds to close
+            session.step_overlapped(cache.region_id, [(slot, 512)], fail)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+        with pytest.raises(OutOfRange):  # the next call on the channel gets its own answer
+            session.step_overlapped(cache.region_id, [(slot, 5000)], lambda: None)
+        assert torch.all(cache.k[1][slot, :256] == 3.0)
+    finally:
+        pool.close()
     with pytest.raises(Closed):
         session.step_overlapped(cache.region_id, [(slot, 256)], lambda: None)
 
