@@ -79,7 +79,11 @@ try:
     addrs = cache.page_addresses(0, 0, 1)
     floor = bench_cuda.Floor(64, 1)
     cu = floor.cu
-    imported = [cu.cuMemImportFromShareableHandle(os.dup(fd), floor.fd_type)[1] for fd in floor.fds]
+    def import_all() -> list:
+        """A handle imported from each of the floor's fds (the import leaves the fd open: the floor's)."""
+        return [floor.check(cu, cu.cuMemImportFromShareableHandle(fd, floor.fd_type), "import") for fd in floor.fds]
+
+    imported = import_all()
     local_handles = floor.handles
     sess = pool.session
     orig = sess.step_overlapped
@@ -217,10 +221,8 @@ try:
         floor.handles = imported; rows["floor_imported"].append(floor.map_at(addrs))
         floor.handles = local_handles; rows["floor_local2"].append(floor.map_at(addrs))
         # Handles never mapped before, as a grow's spares are: imported anew, and created anew.
-        for key, fresh in (("floor_fresh_imported", [floor.check(cu, cu.cuMemImportFromShareableHandle(fd, floor.fd_type),
-                                                                 "import") for fd in floor.fds]),
-                           ("floor_fresh_created", [floor.check(cu, cu.cuMemCreate(bench_cuda.PAGE, floor.prop, 0),
-                                                                "create") for _ in addrs])):
+        created = [floor.check(cu, cu.cuMemCreate(bench_cuda.PAGE, floor.prop, 0), "create") for _ in addrs]
+        for key, fresh in (("floor_fresh_imported", import_all()), ("floor_fresh_created", created)):
             floor.handles = fresh
             rows[key].append(floor.map_at(addrs))
             for h in fresh:
