@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup run test proto bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py client/vattn/_vmm.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)" -e '.[test,dev]'

@@ -96,6 +96,27 @@ class Floor:
         access.location.id = 0
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self.access = [access]
+        # The same driver calls from vattn's native loop (where it is built): the floor without
+        # Python between the calls, which a grow on the native path is compared with.
+        from vattn import native
+
+        self.loop = native.MapLoop.for_cuda(0, int(access.location.type), int(access.flags)) if native.enabled() \
+            else None
+        self.handle_ints = [int(h) for h in self.handles]
+
+    def map_at_native(self, addrs, page_size: int = PAGE) -> float:
+        """map_at's calls made by the native loop (one foreign call); NaN where it is not built."""
+        if self.loop is None:
+            return float("nan")
+        cu = self.cu
+        t0 = time.perf_counter()
+        err, mapped, _ = self.loop.map(addrs, self.handle_ints[: len(addrs)], page_size)
+        dt = time.perf_counter() - t0
+        assert err == 0 and mapped == len(addrs), (err, mapped)
+        cu.cuCtxSynchronize()
+        for addr in addrs:
+            cu.cuMemUnmap(addr, page_size)
+        return dt
 
     def map_at(self, addrs, page_size: int = PAGE) -> float:
         """The worker's driver calls at the worker's addresses: map each page, then set
@@ -213,6 +234,7 @@ def main() -> None:
             timings = {}
             floor = Floor(n, per_tensor)
             fl: dict[str, list[float]] = {"prefetched": [], "default": []}
+            fln: dict[str, list[float]] = {"prefetched": [], "default": []}  # the native loop's floor
             for mode, prefetch in (("cold", 0), ("prefetched", n), ("default", None)):
                 cache = pool.kv_cache(num_layers=layers, num_kv_heads=8, head_dim=128, max_batch=2,
                                       max_context=8 * 1024, dtype=torch.float16, prefetch_pages=prefetch)
@@ -235,15 +257,16 @@ def main() -> None:
                     if rep < WARMUP:
                         continue  # the first grows of a cache import its first spares
                     e2e.append(dt)
-                    if mode in fl:  # the floor interleaved with the grows it is compared with
+                    if mode in fl:  # the floors interleaved with the grows they are compared with
                         fl[mode].append(floor.map_at(addrs))
+                        fln[mode].append(floor.map_at_native(addrs))
                 exports[(n, mode)] = (exported() - before) / args.reps if before is not None else 0.0
                 cache.close()
                 timings[mode] = e2e
             fl_range = [floor.map_and_access("range") for _ in range(args.reps)]
             imp = [floor.import_only() for _ in range(args.reps)]
             floor.close()
-            rows.append((n, timings, fl, fl_range, imp))
+            rows.append((n, timings, fl, fl_range, imp, fln))
         pool.close()
     finally:
         proc.terminate()
@@ -256,14 +279,26 @@ def main() -> None:
         "| end to end, cold: import inline (ms) | ratio to floor |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, t, fl, fl_range, imp in rows:
+    native_rows = []
+    for n, t, fl, fl_range, imp, fln in rows:
         f, f_default = med(fl["prefetched"]), med(fl["default"])
+        nf, nf_default = med(fln["prefetched"]), med(fln["default"])
+        native_rows.append(f"| {n} | {f * 1e3:.3f} | {nf * 1e3:.3f} "
+                           f"| {med(t['prefetched']) / nf:.2f}x | {nf_default * 1e3:.3f} "
+                           f"| {med(t['default']) / nf_default:.2f}x |")
         lines.append(f"| {n} | {f * 1e3:.3f} | {med(fl_range) * 1e3:.3f} | {med(imp) * 1e3:.3f} "
                      f"| {med(t['prefetched']) * 1e3:.3f} (p90 {p90(t['prefetched']) * 1e3:.3f}) "
                      f"| {med(t['prefetched']) / f:.2f}x "
                      f"| {med(t['default']) * 1e3:.3f} (p90 {p90(t['default']) * 1e3:.3f}) "
                      f"| {med(t['default']) / f_default:.2f}x (floor {f_default * 1e3:.3f}) "
                      f"| {med(t['cold']) * 1e3:.3f} (p90 {p90(t['cold']) * 1e3:.3f}) | {med(t['cold']) / f:.2f}x |")
+    from vattn import native
+
+    lines += ["", f"The same grows against the floor made by vattn's native loop (the same driver calls, no Python "
+              f"between them; the worker maps with it: {'on' if native.enabled() else 'OFF, not built or VATTN_NATIVE=0'}):",
+              "", "| pages per grow | floor, Python loop (ms) | floor, native loop (ms) | prefetched: ratio "
+              "| floor, native loop, default mode (ms) | default settings: ratio |",
+              "|---:|---:|---:|---:|---:|---:|", *native_rows]
     lines += ["", "medians of the repetitions; end to end = the worker's cache.grow() call: the call on "
               "the fd channel + fds + (cold: import) + map + set access; default settings: the cache's default "
               "spares (they follow demand), no waiting for their import between grows. Each ratio is against the "
@@ -281,8 +316,9 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump([{"pages": n, "floor": med(fl["prefetched"]), "floor_default": med(fl["default"]),
                         **{mode: med(t[mode]) for mode in t},
-                        **{f"{mode}_vs_floor": med(t[mode]) / med(fl.get(mode, fl["prefetched"])) for mode in t}}
-                       for n, t, fl, _, _ in rows], fh, indent=1)
+                        **{f"{mode}_vs_floor": med(t[mode]) / med(fl.get(mode, fl["prefetched"])) for mode in t},
+                        "native_floor": med(fln["prefetched"]), "native_floor_default": med(fln["default"])}
+                       for n, t, fl, _, _, fln in rows], fh, indent=1)
     if startup_log:
         print("\nstart-up daemon log:\n" + startup_log[-2000:])
 

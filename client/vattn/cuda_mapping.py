@@ -7,6 +7,11 @@ Spare pages are imported on a background thread as soon as they arrive, so a
 grow that uses them only maps and sets access. Unmapping waits for the device
 (``cuCtxSynchronize``) first: unmap does not wait for kernels in flight, and a
 kernel touching an unmapped address would poison the worker's context.
+
+Where vattn's native loop is built (:mod:`vattn.native`), a grant's pages are
+mapped in one call that holds no GIL (``maps_natively``): vattn.kv then makes
+the grant's call from a second thread while this one maps. Handles are kept
+as plain ints (cuda-bindings takes them as such).
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import queue
 import threading
 from typing import Sequence
 
+from vattn import native
 from vattn.cudadrv import check, load_driver
 
 
 class CudaMapper:
     overlap_spares = True
+    maps_natively = False
 
     def __init__(self, device: int):
         cu = self.cu = load_driver()
@@ -34,6 +41,13 @@ class CudaMapper:
         access.location.id = device
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [access]
+        self._loop: native.MapLoop | None = None
+        if native.enabled():
+            try:
+                self._loop = native.MapLoop.for_cuda(device, int(access.location.type), int(access.flags))
+            except OSError:
+                self._loop = None  # the library or libcuda.so.1 did not load: the Python loop
+        self.maps_natively = self._loop is not None
         self._handles: dict[int, object] = {}  # mapped page address -> imported handle
         self._page_size = 0
         # Spares: page id -> imported handle, filled by the importer thread.
@@ -60,7 +74,7 @@ class CudaMapper:
             os.close(fd)
         if err != cu.CUresult.CUDA_SUCCESS:
             check(cu, (err,), "cuMemImportFromShareableHandle")
-        return handle
+        return int(handle)
 
     # ----- spares: imported in the background ------------------------------
     def add_spares(self, page_ids: Sequence[int], fds: Sequence[int]) -> None:
@@ -98,7 +112,7 @@ class CudaMapper:
         with self._cond:
             if not self._spares and not self._pending:
                 return [None] * len(page_ids)
-            while self._pending.intersection(page_ids):
+            while self._pending and not self._pending.isdisjoint(page_ids):
                 self._cond.wait()
             if self._import_error is not None:
                 exc, self._import_error = self._import_error, None
@@ -126,27 +140,58 @@ class CudaMapper:
         """Maps page ``page_ids[i]`` at ``addrs[i]`` read-write; closes every fd."""
         cu, handles = self.cu, self._handles
         self._page_size = page_size
-        ok = cu.CUresult.CUDA_SUCCESS
         fresh = iter(fds)
         try:
             self._current()
-            cu_map = cu.cuMemMap
-            for addr, handle in zip(addrs, self._take_spares(page_ids)):
-                if handle is None:
-                    handle = self._import(next(fresh))
-                (err,) = cu_map(addr, page_size, 0, handle, 0)
-                if err != ok:
+            got = self._take_spares(page_ids)
+            if self._loop is None:
+                return self._map_in_python(addrs, got, fresh, page_size)
+            if None in got:  # not all spares: the others are imported here, inline
+                self._import_missing(got, fresh)
+            err, mapped, at = self._loop.map(addrs, got, page_size)
+            handles.update(zip(addrs, got) if mapped == len(got) else zip(addrs[:mapped], got[:mapped]))
+            if err:
+                for handle in got[mapped:]:  # never mapped: let go
                     cu.cuMemRelease(handle)
-                    check(cu, (err,), f"cuMemMap at {addr:#x}")
-                handles[addr] = handle
-            # Access is set per run of adjacent pages: fewer calls, same effect.
-            for start, length in _runs(sorted(addrs), page_size):
-                (err,) = cu.cuMemSetAccess(start, length, self._access, 1)
-                if err != ok:
-                    check(cu, (err,), "cuMemSetAccess")
+                if err == native.ENOMEM:
+                    raise MemoryError(f"mapping {len(got)} pages: no memory for the list of their ranges")
+                what = f"cuMemMap at {at:#x}" if mapped < len(got) else f"cuMemSetAccess at {at:#x}"
+                check(cu, (cu.CUresult(err),), what)
         finally:
             for fd in fresh:
                 os.close(fd)
+
+    def _import_missing(self, got: list, fresh) -> None:
+        """Fills ``got``'s None entries with pages imported from ``fresh`` fds; on failure, lets go of all."""
+        taken = [h for h in got if h is not None]
+        try:
+            for i, handle in enumerate(got):
+                if handle is None:
+                    got[i] = handle = self._import(next(fresh))
+                    taken.append(handle)
+        except BaseException:
+            for handle in taken:  # none mapped yet
+                self.cu.cuMemRelease(handle)
+            raise
+
+    def _map_in_python(self, addrs: Sequence[int], got: list, fresh, page_size: int) -> None:
+        """map_pages with a driver call at a time (where the native loop is not built)."""
+        cu, handles = self.cu, self._handles
+        ok = cu.CUresult.CUDA_SUCCESS
+        cu_map = cu.cuMemMap
+        for addr, handle in zip(addrs, got):
+            if handle is None:
+                handle = self._import(next(fresh))
+            (err,) = cu_map(addr, page_size, 0, handle, 0)
+            if err != ok:
+                cu.cuMemRelease(handle)
+                check(cu, (err,), f"cuMemMap at {addr:#x}")
+            handles[addr] = handle
+        # Access is set per run of adjacent pages: fewer calls, same effect.
+        for start, length in _runs(sorted(addrs), page_size):
+            (err,) = cu.cuMemSetAccess(start, length, self._access, 1)
+            if err != ok:
+                check(cu, (err,), "cuMemSetAccess")
 
     def unmap(self, addr: int, nbytes: int) -> None:
         """Waits for the device, then unmaps and releases every page in the range."""

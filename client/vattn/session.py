@@ -9,6 +9,7 @@ are read from the channel.
 from __future__ import annotations
 
 import os
+import queue
 import select
 import sys
 import threading
@@ -60,6 +61,49 @@ def _fds_expected(reply) -> tuple[int, int]:
     return 0, 0
 
 
+class _Courier:
+    """A thread that runs one job at a time for a caller that meanwhile runs native code.
+
+    The caller hands it the Python of a call (build, send, receive, decode,
+    check) and then runs a long foreign call that holds no GIL (the native
+    mapping loop); the job's Python runs beside it, not before and after.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vattn-courier", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._done.put((True, job()))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by result()
+                self._done.put((False, exc))
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self._jobs.put(job)
+
+    def result(self):
+        """The value of the job submitted last (waits for it); raises what it raised."""
+        ok, value = self._done.get()
+        if ok:
+            return value
+        raise value
+
+    def stop(self) -> None:
+        """The thread ends after the job it runs, if any."""
+        self._jobs.put(None)
+
+    def join(self) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class Session:
     """One worker process's session. Thread-safe; calls are serialized."""
 
@@ -91,6 +135,7 @@ class Session:
         self._serving = False
         self._listener: threading.Thread | None = None
         self._listener_stop = threading.Event()
+        self._courier: _Courier | None = None
         self.closed = False
 
     def _call(self, method, request):
@@ -170,6 +215,52 @@ class Session:
                     wire.close_fds(fds)
                 raise
             return self._result(*self.channel.wait_result(call_id))
+
+    def step_beside(self, region_id: int, entries: list[tuple[int, int]], during: Callable[[], None],
+                    then: Callable[[pb.GrantReply, list[int]], None] | None = None,
+                    no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
+        """A channel Step made by the session's courier thread while ``during()`` runs here.
+
+        For a ``during`` that holds no GIL for most of its length (the native
+        mapping loop of :mod:`vattn.native`): the call's own Python (building,
+        sending, receiving and decoding it, and ``then(reply, fds)``, the
+        caller's checks of the reply) runs beside it instead of before and
+        after. If ``then`` raises, the reply's fds are closed and its error is
+        raised. If ``during`` raises, the reply is still received (the channel
+        stays in step), its fds are closed and ``during``'s error is raised;
+        as in :meth:`step_overlapped`, the daemon has made its grant all the same.
+        """
+        with self._lock:
+            self._check_open()
+            courier = self._courier
+            if courier is None:
+                courier = self._courier = _Courier()
+            channel, result = self.channel, self._result
+
+            def call() -> tuple[pb.GrantReply, list[int]]:
+                request = pb.StepRequest(region_id=region_id, no_wait=no_wait,
+                                         entries=[pb.StepEntry(slot=s, tokens=t) for s, t in entries])
+                reply, fds = result(*channel.call(channel_pb2.Call(step=request)))
+                if then is not None:
+                    try:
+                        then(reply, fds)
+                    except BaseException:
+                        wire.close_fds(fds)
+                        raise
+                return reply, fds
+
+            courier.submit(call)
+            try:
+                during()
+            except BaseException:
+                try:  # the reply still comes off the channel; its fds are not mapped
+                    _, fds = courier.result()
+                except BaseException:  # noqa: BLE001 - during()'s own error is the one to raise
+                    pass
+                else:
+                    wire.close_fds(fds)
+                raise
+            return courier.result()
 
     def grow(self, region_id: int, slot: int, tokens: int, no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
         """Grows one slot; returns the reply and the new pages' fds (caller closes them)."""
@@ -279,7 +370,12 @@ class Session:
         self._listener_stop.set()
         if self._listener is not None and self._listener is not threading.current_thread():
             self._listener.join()
-        self.channel.close()
+        courier, self._courier = self._courier, None
+        if courier is not None:
+            courier.stop()
+        self.channel.close()  # a call in flight on the courier fails now, and the courier ends
+        if courier is not None:
+            courier.join()
         self._grpc.close()
 
 

@@ -295,6 +295,59 @@ def test_an_overlapped_step_gets_its_reply_and_an_error_in_the_overlap_leaves_th
         session.step_overlapped(cache.region_id, [(slot, 256)], lambda: None)
 
 
+def test_a_step_beside_runs_the_call_on_the_courier_and_keeps_the_channel_in_step(daemon):
+    """Session.step_beside (a CUDA grow of many spares with the native mapping loop, tested here on host
+    pages): the call is made on another thread while ``during`` runs on the caller's; ``then`` sees the
+    reply there; a failure in ``during`` or in ``then`` is raised with the reply's fds closed and the
+    channel in step; a daemon error stays typed; a closed session refuses it."""
+    pool = vattn.connect(daemon.socket, name="beside")
+    try:
+        cache = pool.kv_cache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch=4, max_context=1024,
+                              prefetch_pages=4)
+        session = pool.session
+        slot = cache.alloc()
+        spares = list(cache.slots.spares)
+        seen = {}
+
+        def during():
+            seen["during"] = threading.current_thread()
+            time.sleep(0.02)  # a foreign call that lets go of the GIL, as the mapping loop does
+
+        def then(reply, fds):
+            seen["then"] = threading.current_thread()
+            seen["ids"] = list(reply.page_ids)
+
+        reply, fds = session.step_beside(cache.region_id, [(slot, 256)], during, then)
+        assert seen["during"] is threading.current_thread() and seen["then"] is not threading.current_thread()
+        assert seen["ids"] == list(reply.page_ids) == spares and len(fds) == len(reply.spare_page_ids) == 4
+        cache._map(reply, fds)
+        cache.k[1][slot, :256] = 3.0
+
+        def fail():
+            raise RuntimeError("the mapping failed")
+
+        def reject(reply, fds):
+            raise ValueError("not the planned grant")
+
+        open_fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(RuntimeError, match="the mapping failed"):  # 4 spares granted, 4 refill fds to close
+            session.step_beside(cache.region_id, [(slot, 512)], fail)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+        with pytest.raises(ValueError, match="not the planned grant"):  # granted, and 4 refill fds closed
+            session.step_beside(cache.region_id, [(slot, 768)], lambda: None, reject)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+        held = daemon.used_pages()
+        with pytest.raises(OutOfRange):  # the next call on the channel gets its own answer, and changes nothing
+            session.step_beside(cache.region_id, [(slot, 5000)], lambda: None)
+        assert daemon.used_pages() == held
+        assert torch.all(cache.k[1][slot, :256] == 3.0)
+    finally:
+        pool.close()
+    assert not any(t.name == "vattn-courier" for t in threading.enumerate())  # close() ended the courier
+    with pytest.raises(Closed):
+        session.step_beside(cache.region_id, [(slot, 256)], lambda: None)
+
+
 def test_all_layers_layout_wastes_at_most_one_page(pool, daemon):
     layers, heads, dim = 4, 2, 64  # 4 x 2 x 2 x 64 x 2 B = 2 KiB per token: 32 tokens per 64 KiB page
     cache = pool.kv_cache(num_layers=layers, num_kv_heads=heads, head_dim=dim, max_batch=3, max_context=1000,
