@@ -5,5 +5,5 @@ client makes the same driver calls from Python (vattn.native).
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("vattn._vmm", ["client/vattn/_vmm.c"], optional=True,
+setup(ext_modules=[Extension("vattn._vmm", ["client/vattn/_vmm.c"], optional=True, py_limited_api=True,
                              extra_compile_args=["-O2", "-Wall"])])

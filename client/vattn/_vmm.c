@@ -12,10 +12,13 @@
  * No CUDA headers: the driver's entry points are passed in as addresses
  * (ctypes takes them from libcuda.so.1), with the prototypes below, which are
  * those of the CUDA driver API (CUresult is an int-sized enum, CUdeviceptr and
- * CUmemGenericAllocationHandle are unsigned long long). Built by setup.py as
- * a plain shared library and loaded with ctypes (vattn.native); nothing here
- * knows Python, so one build serves every Python version.
+ * CUmemGenericAllocationHandle are unsigned long long). Built by setup.py
+ * against Python's stable ABI and loaded with ctypes (vattn.native); the
+ * loop itself knows no Python. It is also an (empty) importable module,
+ * vattn._vmm, so that tools which import every submodule do not trip on it.
  */
+#define Py_LIMITED_API 0x030A0000
+#include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -85,3 +88,11 @@ out:
         free(sorted);
     return err;
 }
+
+static struct PyModuleDef vattn_vmm_module = {
+    PyModuleDef_HEAD_INIT, "_vmm",
+    "vattn's native loops of CUDA driver calls: used through ctypes by vattn.native, nothing to call here.", -1,
+    NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__vmm(void) { return PyModule_Create(&vattn_vmm_module); }

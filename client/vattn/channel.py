@@ -151,4 +151,8 @@ class ClientChannel:
         return fds
 
     def close(self) -> None:
+        try:  # wakes a thread blocked reading it (close alone does not): its call fails as the daemon gone
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected (any more)
         self.sock.close()

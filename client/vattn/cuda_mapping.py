@@ -45,8 +45,8 @@ class CudaMapper:
         if native.enabled():
             try:
                 self._loop = native.MapLoop.for_cuda(device, int(access.location.type), int(access.flags))
-            except OSError:
-                self._loop = None  # the library or libcuda.so.1 did not load: the Python loop
+            except (OSError, AttributeError):  # the library (or a stale build of it) or libcuda.so.1 did not load
+                self._loop = None  # the Python loop
         self.maps_natively = self._loop is not None
         self._handles: dict[int, object] = {}  # mapped page address -> imported handle
         self._page_size = 0
@@ -142,21 +142,27 @@ class CudaMapper:
         self._page_size = page_size
         fresh = iter(fds)
         try:
+            if len(addrs) != len(page_ids):
+                raise ValueError(f"{len(addrs)} addresses for {len(page_ids)} pages")
             self._current()
             got = self._take_spares(page_ids)
             if self._loop is None:
                 return self._map_in_python(addrs, got, fresh, page_size)
             if None in got:  # not all spares: the others are imported here, inline
                 self._import_missing(got, fresh)
+            handles.update(zip(addrs, got))  # now, while the interpreter is warm; undone below for pages not mapped
             err, mapped, at = self._loop.map(addrs, got, page_size)
-            handles.update(zip(addrs, got) if mapped == len(got) else zip(addrs[:mapped], got[:mapped]))
             if err:
-                for handle in got[mapped:]:  # never mapped: let go
+                for addr, handle in zip(addrs[mapped:], got[mapped:]):  # never mapped: let go
+                    del handles[addr]
                     cu.cuMemRelease(handle)
-                if err == native.ENOMEM:
-                    raise MemoryError(f"mapping {len(got)} pages: no memory for the list of their ranges")
                 what = f"cuMemMap at {at:#x}" if mapped < len(got) else f"cuMemSetAccess at {at:#x}"
-                check(cu, (cu.CUresult(err),), what)
+                try:
+                    code = cu.CUresult(err)
+                except ValueError:  # ENOMEM (the loop's own), or a code this cuda-bindings does not know
+                    why = "no memory for the list of the pages' ranges" if err == native.ENOMEM else f"error {err}"
+                    raise RuntimeError(f"mapping {len(got)} pages failed: {why}") from None
+                check(cu, (code,), what)
         finally:
             for fd in fresh:
                 os.close(fd)

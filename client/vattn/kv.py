@@ -23,6 +23,7 @@ from vattn.contract.errors import (
     Unauthenticated,
     Unavailable,
 )
+from vattn.contract import wire
 from vattn.contract.layout import Geometry, Layout, SlotGrant
 from vattn.mapping import Mapper
 from vattn.session import Session
@@ -44,6 +45,9 @@ DTYPES: dict[torch.dtype, int] = {
 # mapping (~36 us a page) instead of adding to it. Smaller grants send the call before mapping and read
 # the reply after it (the thread hand-off would cost more than it hides).
 BESIDE_PAGES = 16
+# A Step mapped while in flight goes on the fd channel, whose calls are at most wire.MAX_CALL_BYTES; one
+# entry is at most 16 bytes there, so larger steps (thousands of slots) go the plain way (gRPC if need be).
+MAX_OVERLAPPED_ENTRIES = wire.MAX_CALL_BYTES // 32
 
 
 def _host_tensor(addr: int, nbytes: int) -> torch.Tensor:
@@ -224,8 +228,10 @@ class KVCache:
             self.wait()
         if self.slots.covers(slot, tokens):
             return
+        if self.closed:
+            raise self._closed()
         with self._lock:
-            self._grant(self._needy({slot: tokens}), single=True, no_wait=not wait)
+            self._grant([self.slots.entry(slot, tokens)], single=True, no_wait=not wait)
 
     def step(self, targets: Mapping[int, int], wait: bool = True) -> None:
         """Grows every slot in ``targets`` ({slot: tokens}) in one RPC, only if some need pages (``wait``: as
@@ -292,7 +298,8 @@ class KVCache:
             ahead = self.ahead_pages * self.page_size // self.slots.layout.token_bytes
             entries = [(slot, min(tokens + ahead, self.max_context)) if 0 <= tokens <= self.max_context
                        else (slot, tokens) for slot, tokens in entries]
-        if self._mapper.overlap_spares and self._session.transport == "channel":
+        if (self._mapper.overlap_spares and self._session.transport == "channel"
+                and len(entries) <= MAX_OVERLAPPED_ENTRIES):
             plan, wanted = self.slots.plan(entries)  # checked entries: the daemon's plan, exactly
             spares = self.slots.spares_for(wanted)
             if spares is not None:
@@ -319,20 +326,31 @@ class KVCache:
             return (list(reply.page_ids) == spares
                     and [(g.slot, g.first_page, g.count) for g in reply.grants] == plan)
 
-        def check(reply: pb.GrantReply, fds) -> None:  # on the courier thread, beside the mapping
+        recorded: list[bool] = []
+
+        def record(reply: pb.GrantReply, fds) -> None:  # on the courier thread, beside the mapping
             if not matches(reply):
                 raise _OutOfStep()
+            if failure:
+                return  # the mapping failed already: nothing to record (its fds are closed below)
+            # Recorded here rather than after the mapping, when this thread's Python would run cold;
+            # undone below if the mapping fails. The caller's thread is in the native mapping meanwhile.
+            self.slots.granted(plan, spares, reply.spare_page_ids)
+            self._mapper.add_spares(reply.spare_page_ids, fds)
+            recorded.append(True)
 
         session = self._session
         try:
             if len(spares) >= BESIDE_PAGES and getattr(self._mapper, "maps_natively", False):
-                reply, fds = session.step_beside(self.region_id, entries, map_ahead, check, no_wait)
+                reply, fds = session.step_beside(self.region_id, entries, map_ahead, record, no_wait)
             else:
                 reply, fds = session.step_overlapped(self.region_id, entries, map_ahead, no_wait)
                 if not failure and not matches(reply):
                     _close_fds(fds)
                     raise _OutOfStep()
         except _OutOfStep:  # the reply's fds are closed; what is mapped stays (reconnect)
+            if failure:
+                raise failure[0] from None
             raise Internal("the daemon granted other pages than the spares it holds for this region; "
                            "reconnect") from None
         except BaseException:
@@ -340,8 +358,13 @@ class KVCache:
                 self._mapper.unmap_to_spares(addrs, spares)  # the daemon kept them as spares
             raise
         if failure:
-            _close_fds(fds)
+            if recorded:  # the new spares (their fds) went to the mapper: they stay this session's
+                self.slots.ungrant(plan, spares)
+            else:
+                _close_fds(fds)
             raise failure[0]
+        if recorded:
+            return
         try:  # spares == reply.page_ids (checked): a list, quicker to slice than the reply's field
             self.slots.granted(plan, spares, reply.spare_page_ids)
         finally:  # last: the importer thread it wakes competes for the GIL with what the grow still has to do

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.machinery
 import os
 from array import array
 from typing import Sequence
@@ -21,9 +22,13 @@ ENOMEM = -12
 
 
 def library_path() -> str | None:
-    """The built library beside this module, or None."""
+    """The built library beside this module (this interpreter's build first), or None."""
     here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_vmm*.so")))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_vmm" + suffix)
+        if os.path.exists(path):
+            return path
+    found = sorted(glob.glob(os.path.join(here, "_vmm*.so")))  # another Python's build: it knows no Python
     return found[0] if found else None
 
 

@@ -72,6 +72,8 @@ class _Courier:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._mu = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="vattn-courier", daemon=True)
         self._thread.start()
 
@@ -81,27 +83,52 @@ class _Courier:
             if job is None:
                 return
             try:
-                self._done.put((True, job()))
+                result = (True, job())
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by result()
-                self._done.put((False, exc))
+                result = (False, exc)
+            job = None  # let go of the job (and the channel it holds) before waiting for the next
+            self._done.put(result)
+            result = None
 
     def submit(self, job: Callable[[], object]) -> None:
-        self._jobs.put(job)
+        """Queues ``job``; raises Closed once :meth:`stop` was called (then nothing runs it)."""
+        with self._mu:
+            if self._stopped:
+                raise Closed("the session was closed (pool.close()) while this call started: connect again")
+            self._jobs.put(job)
 
     def result(self):
-        """The value of the job submitted last (waits for it); raises what it raised."""
-        ok, value = self._done.get()
+        """The value of the job submitted last; raises what it raised.
+
+        Waits for it even through KeyboardInterrupt (raised after the wait),
+        so the job never uses the channel after the caller has let it go; the
+        channel's timeout bounds the wait. Call it exactly once per job.
+        """
+        interrupted = None
+        while True:
+            try:
+                ok, value = self._done.get()
+                break
+            except BaseException as exc:  # noqa: BLE001 - a signal: the job still holds the channel
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            if ok:
+                wire.close_fds(value[1])  # a (reply, fds) no one will map
+            raise interrupted
         if ok:
             return value
         raise value
 
     def stop(self) -> None:
-        """The thread ends after the job it runs, if any."""
-        self._jobs.put(None)
+        """The thread ends after the jobs already submitted; later submits raise Closed."""
+        with self._mu:
+            if not self._stopped:
+                self._stopped = True
+                self._jobs.put(None)
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
 
 
 class Session:
@@ -136,6 +163,7 @@ class Session:
         self._listener: threading.Thread | None = None
         self._listener_stop = threading.Event()
         self._courier: _Courier | None = None
+        self._courier_lock = threading.Lock()  # close() takes the courier without waiting for a call
         self.closed = False
 
     def _call(self, method, request):
@@ -231,10 +259,11 @@ class Session:
         as in :meth:`step_overlapped`, the daemon has made its grant all the same.
         """
         with self._lock:
-            self._check_open()
-            courier = self._courier
-            if courier is None:
-                courier = self._courier = _Courier()
+            with self._courier_lock:
+                self._check_open()  # under this lock: close() cannot take the courier between check and start
+                courier = self._courier
+                if courier is None:
+                    courier = self._courier = _Courier()
             channel, result = self.channel, self._result
 
             def call() -> tuple[pb.GrantReply, list[int]]:
@@ -370,12 +399,13 @@ class Session:
         self._listener_stop.set()
         if self._listener is not None and self._listener is not threading.current_thread():
             self._listener.join()
-        courier, self._courier = self._courier, None
+        with self._courier_lock:
+            courier, self._courier = self._courier, None
         if courier is not None:
             courier.stop()
-        self.channel.close()  # a call in flight on the courier fails now, and the courier ends
+        self.channel.close()  # a call in flight on the courier fails now (Unavailable), and the courier ends
         if courier is not None:
-            courier.join()
+            courier.join(self.timeout)
         self._grpc.close()
 
 

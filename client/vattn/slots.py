@@ -147,6 +147,14 @@ class SlotTable:
             offset += n
             self.set_pages(slot, first + count)
 
+    def ungrant(self, grants: Sequence[SlotGrant], used: Sequence[int]) -> None:
+        """Undoes :meth:`granted` of ``grants``, which took the spares ``used`` (a grant the worker
+        could not map): each slot holds what it held before, and the used spares are back in front.
+        Spares the grant brought stay (they are this session's all the same)."""
+        for slot, first, _ in grants:
+            self.set_pages(slot, first)
+        self.spares.extendleft(reversed(used))
+
     def set_pages(self, slot: int, pages: int) -> None:
         self.pages[slot] = pages
         self.capacity[slot] = self.layout.capacity(pages)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import vattn
-from vattn.errors import Closed, OutOfRange
+from vattn.errors import Closed, OutOfRange, Unavailable
+from vattn.mapping import HostMapper
 from tests.integration import workers
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -346,6 +347,83 @@ def test_a_step_beside_runs_the_call_on_the_courier_and_keeps_the_channel_in_ste
     assert not any(t.name == "vattn-courier" for t in threading.enumerate())  # close() ended the courier
     with pytest.raises(Closed):
         session.step_beside(cache.region_id, [(slot, 256)], lambda: None)
+
+
+def test_closing_the_channel_wakes_a_thread_waiting_on_it_at_once(daemon):
+    """Session.close() while a call waits on the channel (the courier's, say): the waiter fails now with
+    Unavailable, not after the channel's timeout (close alone does not wake a blocked reader)."""
+    pool = vattn.connect(daemon.socket, name="wake")
+    channel = pool.session.channel
+    got = []
+
+    def wait():
+        try:
+            channel.wait_result(12345)  # nothing will come
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # blocked on the socket
+    started = time.monotonic()
+    pool.close()
+    waiter.join(5.0)
+    assert not waiter.is_alive() and time.monotonic() - started < 2.0  # the timeout is 30 s
+    assert len(got) == 1 and isinstance(got[0], Unavailable)
+
+
+class _BesideMapper(HostMapper):
+    """Host pages taken down kv's CUDA path for grants of spares: mapped while the call is in flight, the
+    call made by the courier thread (as with the native loop), and made to fail on demand."""
+
+    overlap_spares = True
+    maps_natively = True
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+        self.threads: list[threading.Thread] = []
+
+    def map_pages(self, addrs, page_ids, fds, page_size):
+        self.threads.append(threading.current_thread())
+        time.sleep(0.05)  # lets go of the GIL, as the native loop does: the courier records the grant meanwhile
+        if self.fail:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError("the mapping failed")
+        super().map_pages(addrs, page_ids, fds, page_size)
+
+
+def test_a_grow_of_spares_beside_the_courier_records_its_grant_and_undoes_it_if_the_mapping_fails(daemon,
+                                                                                                 monkeypatch):
+    from vattn import kv
+
+    pool = vattn.connect(daemon.socket, name="beside-grow")
+    try:
+        mapper = _BesideMapper()
+        monkeypatch.setattr(pool, "_mapper", lambda device: mapper)
+        cache = pool.kv_cache(num_layers=8, num_kv_heads=2, head_dim=64, max_batch=2, max_context=1024,
+                              prefetch_pages=2 * kv.BESIDE_PAGES)
+        cache._keeps_spares = False  # freed pages go back to the pool (host pages cannot be kept as spares)
+        tensors = 2 * 8
+        slot = cache.alloc()
+        spares = list(cache.slots.spares)
+        cache.grow(slot, 256)  # one page per tensor: 16 spares, the courier's path
+        assert mapper.threads == [threading.current_thread()]
+        assert cache.pages(slot) == 1 and cache.slots.page_ids[slot] == spares[:tensors]
+        assert list(cache.slots.spares)[:tensors] == spares[tensors:]  # the rest, then the refill
+        cache.k[7][slot, :256] = 5.0
+        before = (cache.pages(slot), list(cache.slots.page_ids[slot]), list(cache.slots.spares))
+        mapper.fail = True
+        with pytest.raises(RuntimeError, match="the mapping failed"):
+            cache.grow(slot, 512)
+        pages, ids, left = before
+        assert cache.pages(slot) == pages and cache.slots.page_ids[slot] == ids  # the grant is undone
+        assert list(cache.slots.spares)[: len(left)] == left  # the used spares are back in front
+        assert torch.all(cache.k[7][slot, :256] == 5.0)
+    finally:
+        pool.close()
 
 
 def test_all_layers_layout_wastes_at_most_one_page(pool, daemon):

@@ -59,6 +59,23 @@ def test_a_grant_is_checked_and_recorded_and_spares_go_oldest_first():
     t.check_grant([SlotGrant(0, 1, 2)])
 
 
+@pytest.mark.parametrize("first", [0, 2])
+def test_ungrant_undoes_a_grant_but_keeps_the_spares_it_brought(first):
+    t = table(spares=list(range(10, 22)))
+    t.alloc()
+    if first:
+        t.granted(t.plan([(0, 16 * first)])[0], [10, 11, 12, 13, 14, 15, 16, 17], new_spares=[])
+    before = (t.pages[0], t.capacity[0], dict(t.page_ids), list(t.spares))
+    plan, wanted = t.plan([(0, 16 * (first + 1))])
+    used = t.spares_for(wanted)
+    t.granted(plan, used, new_spares=[30, 31])
+    assert t.pages[0] == first + 1
+    t.ungrant(plan, used)
+    pages, capacity, ids, spares = before
+    assert (t.pages[0], t.capacity[0], t.page_ids) == (pages, capacity, ids)
+    assert list(t.spares) == spares + [30, 31]
+
+
 def test_bad_input_is_refused_with_typed_errors():
     t = table(batch=3, context=256)
     for call, exc, text in (
