@@ -150,19 +150,7 @@ class CudaMapper:
                 return self._map_in_python(addrs, got, fresh, page_size)
             if None in got:  # not all spares: the others are imported here, inline
                 self._import_missing(got, fresh)
-            handles.update(zip(addrs, got))  # now, while the interpreter is warm; undone below for pages not mapped
-            err, mapped, at = self._loop.map(addrs, got, page_size)
-            if err:
-                for addr, handle in zip(addrs[mapped:], got[mapped:]):  # never mapped: let go
-                    del handles[addr]
-                    cu.cuMemRelease(handle)
-                what = f"cuMemMap at {at:#x}" if mapped < len(got) else f"cuMemSetAccess at {at:#x}"
-                try:
-                    code = cu.CUresult(err)
-                except ValueError:  # ENOMEM (the loop's own), or a code this cuda-bindings does not know
-                    why = "no memory for the list of the pages' ranges" if err == native.ENOMEM else f"error {err}"
-                    raise RuntimeError(f"mapping {len(got)} pages failed: {why}") from None
-                check(cu, (code,), what)
+            map_natively(self._loop, cu, handles, addrs, got, page_size)
         finally:
             for fd in fresh:
                 os.close(fd)
@@ -237,6 +225,27 @@ class CudaMapper:
             spares, self._spares = self._spares, {}
         for handle in spares.values():
             self.cu.cuMemRelease(handle)
+
+
+def map_natively(loop: native.MapLoop, cu, handles: dict[int, int], addrs: Sequence[int], got: Sequence[int],
+                 page_size: int) -> None:
+    """Maps ``got[i]`` at ``addrs[i]`` with the native loop and records each in ``handles`` (address ->
+    handle). On an error: the pages mapped stay recorded, those not mapped are released, and it raises
+    RuntimeError (driver errors in cudadrv.check's words)."""
+    handles.update(zip(addrs, got))  # now, while the interpreter is warm; undone below for pages not mapped
+    err, mapped, at = loop.map(addrs, got, page_size)
+    if not err:
+        return
+    for addr, handle in zip(addrs[mapped:], got[mapped:]):  # never mapped: let go
+        del handles[addr]
+        cu.cuMemRelease(handle)
+    what = f"cuMemMap at {at:#x}" if mapped < len(got) else f"cuMemSetAccess at {at:#x}"
+    try:
+        code = cu.CUresult(err)
+    except ValueError:  # ENOMEM (the loop's own), or a code this cuda-bindings does not know
+        why = "no memory for the list of the pages' ranges" if err == native.ENOMEM else f"error {err}"
+        raise RuntimeError(f"mapping {len(got)} pages failed: {why}") from None
+    check(cu, (code,), what)
 
 
 def _runs(addrs: Sequence[int], page_size: int):

@@ -87,3 +87,41 @@ def test_nothing_to_map_calls_nothing_and_mismatched_lists_are_refused():
     assert drv.loop.map([], [], PAGE) == (0, 0, 0) and drv.maps == drv.access == []
     with pytest.raises(ValueError, match="2 addresses but 1 handles"):
         drv.loop.map([0, PAGE], [1], PAGE)
+
+
+class FakeCu:
+    """cuda-bindings' driver module as map_natively uses it: the real result codes, a recorded release."""
+
+    def __init__(self):
+        from cuda.bindings import driver
+
+        self.CUresult = driver.CUresult
+        self.released: list[int] = []
+
+    def cuMemRelease(self, handle):
+        self.released.append(handle)
+        return (self.CUresult.CUDA_SUCCESS,)
+
+    def cuGetErrorString(self, err):
+        return (self.CUresult.CUDA_SUCCESS, b"stand-in text")
+
+
+def test_the_cuda_mapper_records_what_was_mapped_and_lets_go_of_the_rest_when_the_loop_fails():
+    pytest.importorskip("cuda.bindings")
+    from vattn.cuda_mapping import map_natively
+
+    addrs = per_layer(8, 1)
+    handles_in = list(range(100, 108))
+    cu, handles = FakeCu(), {}
+    map_natively(FakeDriver().loop, cu, handles, addrs, handles_in, PAGE)  # all mapped
+    assert handles == dict(zip(addrs, handles_in)) and cu.released == []
+
+    cu, handles = FakeCu(), {}
+    with pytest.raises(RuntimeError, match=f"cuMemMap at {addrs[3]:#x} failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        map_natively(FakeDriver(fail_map_at=addrs[3]).loop, cu, handles, addrs, handles_in, PAGE)
+    assert handles == dict(zip(addrs[:3], handles_in[:3])) and cu.released == handles_in[3:]
+
+    cu, handles = FakeCu(), {}
+    with pytest.raises(RuntimeError, match="cuMemSetAccess at .* failed: CUDA_ERROR_INVALID_VALUE"):
+        map_natively(FakeDriver(fail_access_at=addrs[0]).loop, cu, handles, addrs, handles_in, PAGE)
+    assert handles == dict(zip(addrs, handles_in)) and cu.released == []  # all mapped: unmapped later as usual
