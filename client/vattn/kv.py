@@ -341,7 +341,7 @@ class KVCache:
 
         session = self._session
         try:
-            if len(spares) >= BESIDE_PAGES and getattr(self._mapper, "maps_natively", False):
+            if len(spares) >= BESIDE_PAGES and self._mapper.maps_natively:
                 reply, fds = session.step_beside(self.region_id, entries, map_ahead, record, no_wait)
             else:
                 reply, fds = session.step_overlapped(self.region_id, entries, map_ahead, no_wait)

@@ -40,6 +40,9 @@ class Mapper(Protocol):
     device: str  # torch device string, "cpu" or "cuda:N"
     # Whether mapping spares while a call is in flight pays (and can be undone).
     overlap_spares: bool
+    # Whether map_pages maps a grant in one call that holds no GIL (vattn.native): then a grant of many
+    # spares makes its call from the session's courier thread meanwhile.
+    maps_natively: bool
 
     def reserve(self, nbytes: int) -> int: ...
 
@@ -79,6 +82,7 @@ class HostMapper:
     # Host mapping costs a few microseconds a page: not worth overlapping, and
     # a closed memfd cannot be taken back as a spare.
     overlap_spares = False
+    maps_natively = False
 
     def __init__(self):
         self._spares: dict[int, int] = {}  # page id -> fd

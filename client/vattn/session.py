@@ -61,6 +61,21 @@ def _fds_expected(reply) -> tuple[int, int]:
     return 0, 0
 
 
+def _run_beside_a_call(during: Callable[[], None], reply: Callable[[], tuple[object, list[int]]]) -> None:
+    """Runs ``during()`` while a call is in flight. If it raises, the call's ``reply()`` is still taken
+    (the channel stays in step), its fds are closed (not mapped), and ``during``'s error is raised."""
+    try:
+        during()
+    except BaseException:
+        try:
+            _, fds = reply()
+        except BaseException:  # noqa: BLE001 - during()'s own error is the one to raise
+            pass
+        else:
+            wire.close_fds(fds)
+        raise
+
+
 class _Courier:
     """A thread that runs one job at a time for a caller that meanwhile runs native code.
 
@@ -232,16 +247,7 @@ class Session:
         with self._lock:
             self._check_open()
             call_id = self.channel.send_call(channel_pb2.Call(step=request))
-            try:
-                during()
-            except BaseException:
-                try:  # the reply still comes off the channel, which stays in step; its fds are not mapped
-                    _, fds = self.channel.wait_result(call_id)
-                except BaseException:  # noqa: BLE001 - during()'s own error is the one to raise
-                    pass
-                else:
-                    wire.close_fds(fds)
-                raise
+            _run_beside_a_call(during, lambda: self.channel.wait_result(call_id))
             return self._result(*self.channel.wait_result(call_id))
 
     def step_beside(self, region_id: int, entries: list[tuple[int, int]], during: Callable[[], None],
@@ -279,16 +285,7 @@ class Session:
                 return reply, fds
 
             courier.submit(call)
-            try:
-                during()
-            except BaseException:
-                try:  # the reply still comes off the channel; its fds are not mapped
-                    _, fds = courier.result()
-                except BaseException:  # noqa: BLE001 - during()'s own error is the one to raise
-                    pass
-                else:
-                    wire.close_fds(fds)
-                raise
+            _run_beside_a_call(during, courier.result)
             return courier.result()
 
     def grow(self, region_id: int, slot: int, tokens: int, no_wait: bool = False) -> tuple[pb.GrantReply, list[int]]:
