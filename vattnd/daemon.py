@@ -230,7 +230,8 @@ class Daemon:
         for dev in devices:
             core.add_device(dev.index)
         facts = ServerFacts(device_names={dev.index: dev.name for dev in devices})
-        self.service = service = PoolService(core, page_table(self.backend, fd_budget), facts=facts)
+        self.service = service = PoolService(core, page_table(self.backend, fd_budget), facts=facts,
+                                             bringing_up=True)
         service.tenant_uids = {t: set(uids) for t, uids in cfg.tenant_uids.items()}
         for tenant in sorted(set(cfg.quotas) | set(cfg.priorities)):
             quota = cfg.quotas.get(tenant)
@@ -320,6 +321,11 @@ class Daemon:
         log.info("pool ready: %d pages in %.2f s (%.2f s of it creating them, %.1f us a page)", pages,
                  time.monotonic() - t0, creating, creating / max(pages, 1) * 1e6)
         notify(f"READY=1\nSTATUS=serving {pages} pages on {self.config.socket}")
+        try:
+            self.backend.after_bring_up()
+        except Exception as exc:  # noqa: BLE001 - shows again where that work is needed, in its own words
+            log.warning("after the bring-up: %s", exc)
+        self.service.brought_up()
 
     # ----- run and stop ----------------------------------------------------
     def request_stop(self) -> None:

@@ -227,7 +227,9 @@ def tenant_info(t) -> pb.TenantInfo:
 
 class PoolService:
     def __init__(self, core: PoolCore, pages: HostPages | ExportedPages, clock: Callable[[], float] = time.time,
-                 reclaim_wait: float = RECLAIM_WAIT_S, facts: ServerFacts | None = None):
+                 reclaim_wait: float = RECLAIM_WAIT_S, facts: ServerFacts | None = None, bringing_up: bool = False):
+        """``bringing_up``: pages are still being created, so the exporter waits for :meth:`brought_up` (or
+        for a grant) before it exports ahead of need."""
         self.core = core
         self.pages = pages
         self.backend = pages.backend
@@ -255,6 +257,7 @@ class PoolService:
         self._demand: dict[int, int] = {}
         self._recent: dict[int, collections.OrderedDict] = {}
         self._closing = False
+        self._bringing_up = bringing_up
         self.started_at = clock()
         self.sessions_opened = 0
         self.sessions_closed = 0
@@ -266,9 +269,18 @@ class PoolService:
             ids = self.core.add_pages(device, len(handles))
             assert ids.start == len(self.pages.handles)
             self.pages.add(handles)
-            self._wake_exporter()
+            if not self._bringing_up:
+                self._wake_exporter()
             done = self._retry_waiting()
         self._finish(done)
+
+    def brought_up(self) -> None:
+        """Every pool is full: the exporter may export ahead of need. Until now it waited for a grant: its
+        driver calls slow page creation down, and on CUDA each GPU it exported for had its context retained
+        (100-170 ms each) before the pools were full."""
+        with self.lock:
+            self._bringing_up = False
+            self._wake_exporter()
 
     def close(self) -> None:
         """Ends pending grants (daemon stopping) and the deadline thread."""

@@ -184,6 +184,34 @@ def test_two_gpus_one_worker_each(short_tmp):
         assert d.stop() == 0, d.log()
 
 
+@pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")
+def test_a_second_gpus_pages_come_under_the_first_gpus_context_and_its_own_follows_after_the_bring_up():
+    from cuda.bindings import driver as cu
+
+    from vattnd.backends.cuda import CudaBackend
+
+    backend = CudaBackend(2 << 20, devices=[0, 1])
+    try:
+        first, second = backend.create_pages(0, 3), backend.create_pages(1, 3)
+        assert list(backend._ctx) == [0]  # GPU 1's context is put off
+        for handle in second:  # still GPU 1's memory
+            err, prop = cu.cuMemGetAllocationPropertiesFromHandle(handle)
+            assert err == cu.CUresult.CUDA_SUCCESS and prop.location.id == 1
+        backend.after_bring_up()
+        assert sorted(backend._ctx) == [0, 1]
+        fds = backend.export_pages(1, second)
+        try:
+            assert len(fds) == 3 and all(fd >= 0 for fd in fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        zeroed = backend.zeroed_pages(1, 2)
+        backend.release_pages(1, second + zeroed)
+        backend.release_pages(0, first)
+    finally:
+        backend.close()
+
+
 def test_auto_backend_picks_cuda(short_tmp):
     d = start_daemon(short_tmp, "--devices", "0", backend="auto", pool_size="64MiB", page_size="2MiB")
     try:

@@ -44,6 +44,9 @@ class PageBackend(Protocol):
     def zeroed_pages(self, device: int, count: int) -> list:
         """Creates ``count`` pages whose memory reads as zeros (all of them, or raises having made none)."""
 
+    def after_bring_up(self) -> None:
+        """Called once every pool is full (after SERVING): work put off to fill them sooner."""
+
     def release_pages(self, device: int, handles: Sequence) -> None:
         """Releases pages' memory.
 

@@ -10,12 +10,16 @@ set read-write access (:mod:`vattn.cuda_mapping`).
 
 The driver needs a current context in every thread that calls it, so each
 entry point makes the device's primary context current first. A device's
-context is retained the first time it is needed (the bring-up thread, in
-practice), not at start: retaining one costs 100-150 ms per GPU, one GPU at
-a time (the driver serializes them: threads do not help), and the daemon
-listens before the pools are built. Creating pages with no context current
-works (driver 580) but cost 30-34 us a page against 22 us with the context
-current, so the bring-up retains them first. Where NVML lists the GPUs
+context is retained the first time it is needed, not at start: retaining one
+costs 100-170 ms per GPU, one GPU at a time (the driver serializes them:
+threads do not help, and a thread retaining them beside the page creation
+slowed it), and the daemon listens before the pools are built. Pages need a
+context current, but not their own GPU's: with none, a page cost 30-34 us
+against 22 us; with another GPU's, the same as with its own (15.5-15.8 us,
+``bench/create_contexts.py``). So the bring-up creates every GPU's pages
+under the first GPU's context, and the others are retained once the pools
+are full (:meth:`CudaBackend.after_bring_up`): 0.4-0.7 s less before
+SERVING on four GPUs. Where NVML lists the GPUs
 (:mod:`vattnd.backends.nvml`), the backend's driver calls start on first use,
 under a lock, after the daemon listens; ``cuInit`` itself (0.5-1.1 s on a
 four-GPU node) has been running since ``vattnd start``'s first moment, on a
@@ -227,8 +231,13 @@ class CudaBackend:
         check(self.cu, self.cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
     def create_pages(self, device: int, count: int) -> list:
-        """Creates ``count`` pages on ``device`` (fewer if the device runs out of memory); returns their handles."""
-        self._make_current(device)
+        """Creates ``count`` pages on ``device`` (fewer if the device runs out of memory); returns their handles.
+
+        Under the device's own context if it is retained, else under any that is (the first device's, during
+        the bring-up): a page is the device's whatever context is current, and retaining costs 100-170 ms."""
+        self._driver()
+        retained = list(self._ctx)  # a copy: another thread may retain one meanwhile
+        self._make_current(device if device in retained or not retained else retained[0])
         cu = self.cu
         prop, size = self._prop[device], self.page_size
         handles = []
@@ -302,6 +311,12 @@ class CudaBackend:
             raise
         return new
 
+    def after_bring_up(self) -> None:
+        """Retains the contexts the bring-up put off (every GPU's but the first), so that a worker's first
+        grant on a GPU does not wait for it."""
+        for device in self._dev:
+            self._make_current(device)
+
     def release_pages(self, device: int, handles: Sequence) -> None:
         with self._lock:
             for handle in handles:
@@ -319,8 +334,9 @@ class CudaBackend:
             return
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
-        if self._ctx:
-            self._make_current(next(iter(self._ctx)))
+        retained = list(self._ctx)
+        if retained:
+            self._make_current(retained[0])
         for handle in handles:
             cu.cuMemRelease(handle)
         for scratch in self._scratch.values():

@@ -75,6 +75,9 @@ class HostBackend:
     def zeroed_pages(self, device: int, count: int) -> list[int]:
         return self.create_pages(device, count)  # a new memfd reads as zeros
 
+    def after_bring_up(self) -> None:
+        pass  # nothing put off
+
     def release_pages(self, device: int, fds: Sequence[int]) -> None:
         for fd in fds:
             self._fds.remove(fd)  # KeyError: not a page of this backend (a bug above)
