@@ -39,4 +39,5 @@ def test_the_exporter_waits_for_the_bring_up_then_exports_ahead(bringing_up):
         assert service.pages.open_fds() > 0
     finally:
         service.close()
+        service.pages.close()  # the exported fds it cached, as the daemon does
         backend.close()
