@@ -235,7 +235,6 @@ class CudaBackend:
 
         Under the device's own context if it is retained, else under any that is (the first device's, during
         the bring-up): a page is the device's whatever context is current, and retaining costs 100-170 ms."""
-        self._driver()
         retained = list(self._ctx)  # a copy: another thread may retain one meanwhile
         self._make_current(device if device in retained or not retained else retained[0])
         cu = self.cu
